@@ -1,0 +1,14 @@
+"""Input data: dataset sources, on-device augmentation and batch index plans.
+
+Submodules are imported explicitly (``resnet_jax.data.cifar``, ``.augment``,
+``.batching``) so that importing this package stays cheap and never pulls in
+TensorFlow. This module owns only the error type shared by every data source.
+"""
+
+
+class DataError(ValueError):
+    """A dataset file or directory is missing, malformed or inconsistent.
+
+    Messages name the offending file (and record, where one is at fault) and say
+    how to obtain good data.
+    """

@@ -1,0 +1,51 @@
+r"""Command line: train and evaluate as a config says.
+
+  python -m resnet_jax.main --config configs/cifar10.py:resnet56 --workdir runs/resnet56 \
+      [--config.batch_size=1024 --config.model.dtype=bfloat16 ...]
+
+Rerunning the same command resumes from the newest good checkpoint in the workdir.
+Mistakes in the config, the data or the workdir end the run with a one-line error
+(exit status 2) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax.data import DataError
+from resnet_jax.parallel import DistributedError
+from resnet_jax.train.checkpoint import CheckpointError
+from resnet_jax.train.config import ConfigError
+from resnet_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from resnet_jax.train.workdir import WorkdirError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet20.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, DistributedError)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    # orbax and absl log every save step by step at INFO: keep their warnings only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    app.run(main)

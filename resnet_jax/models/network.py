@@ -1,0 +1,238 @@
+"""The ResNet network: stem, stages of blocks, head, backbone features; field validation.
+
+One :class:`ResNet` covers every network of both papers; which one is decided by its
+fields (block class, stage sizes and widths, stem, shortcut option, ...), normally filled
+in by :mod:`resnet_jax.models.families`. Fields are validated when the module is
+constructed, so a bad configuration fails before anything is traced or compiled.
+
+Top-level submodule names: ``stem_conv``, ``stem_bn``, ``stage{i}_block{j}`` (1-based),
+``final_bn`` (pre-activation nets only) and ``head``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models.blocks import SHORTCUTS, GhostBatchNorm, ModuleDef
+
+Array = Any
+
+STEMS = ('imagenet', 'cifar')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+KERNEL_INIT_MODES = ('fan_in', 'fan_out')
+
+
+def he_normal(mode: str = 'fan_in') -> Callable:
+    """He et al. 2015 ("Delving deep") init: N(0, 2 / fan), fan = fan_in or fan_out."""
+    if mode not in KERNEL_INIT_MODES:
+        raise ValueError(f'kernel_init={mode!r} is not one of {KERNEL_INIT_MODES} or a callable')
+    return nn.initializers.variance_scaling(2.0, mode, 'normal')
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Maps 'float32' | 'bfloat16' | 'float16' (or the dtype itself) to a numpy dtype."""
+    try:
+        resolved = jnp.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in {jnp.dtype(d) for d in DTYPES.values()}:
+        raise ValueError(f'dtype={dtype!r} is not one of {tuple(DTYPES)}')
+    return resolved
+
+
+def block_class(block_cls: ModuleDef) -> type:
+    """The block class behind ``block_cls``, which may be a ``functools.partial`` of it."""
+    while isinstance(block_cls, functools.partial):
+        block_cls = block_cls.func
+    return block_cls
+
+
+def count_params(variables_or_params: Mapping[str, Any]) -> int:
+    """Number of parameters: the ``params`` collection if given full variables, else the tree.
+
+    Works on real arrays and on ``jax.ShapeDtypeStruct`` trees from ``jax.eval_shape``.
+    """
+    tree = variables_or_params
+    if isinstance(tree, Mapping) and 'params' in tree:
+        tree = tree['params']
+    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)))
+
+
+def scaled_width(width: int, multiplier: float) -> int:
+    """``width * multiplier`` rounded, at least 1."""
+    return max(1, int(round(width * multiplier)))
+
+
+class ResNet(nn.Module):
+    """A ResNet (or plain net) of He et al. 2015 / 2016.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50, (n, n, n) on CIFAR.
+      block_cls: a block class of :mod:`resnet_jax.models.blocks` (or a partial of one).
+      num_classes: classifier outputs.
+      stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool with padding 1 as in
+        torchvision) or 'cifar' (3x3 conv, BN, ReLU). For pre-activation blocks the stem
+        conv is not followed by BN-ReLU (the first block pre-activates it) and the last
+        stage is followed by BN-ReLU before pooling, as in the 2016 paper. The stem has
+        ``stage_widths[0]`` channels (64 on ImageNet, 16 on CIFAR).
+      stage_widths: per-stage block width ``filters`` (a bottleneck outputs 4x this).
+      width_multiplier: scales every width, the stem's included (1 = paper).
+      shortcut: 'A' zero-padding identity (2015 paper, CIFAR), 'B' projection only where the
+        shape changes (2015 paper, ImageNet), 'C' projection everywhere (2015 Table 3).
+      zero_init_last: zero-init the last BN scale of each residual branch (last conv kernel
+        for pre-activation blocks); Goyal et al. 2017. False = paper. Not for plain nets.
+      stride_on_3x3: bottleneck blocks only (ignored otherwise): False = paper (stride in the
+        first 1x1), True = "v1.5" (torchvision, Flax example).
+      dtype: compute dtype, 'float32' | 'bfloat16' | 'float16' or the dtype. Parameters and
+        BN statistics stay float32; logits are float32.
+      bn_momentum: running-average decay, Flax convention (0.9 = torch momentum 0.1).
+      bn_epsilon: BN epsilon.
+      ghost_batch_size: None = BN statistics over the whole global batch; G = over each
+        G consecutive examples (the 2015 paper's per-GPU BN of 32 images on ImageNet).
+      kernel_init: conv initialiser: 'fan_in' (default; He et al. 2015 "Delving deep", which
+        the paper cites), 'fan_out' (torchvision) or any initialiser callable.
+
+    The classifier is Dense with LeCun-normal kernel (variance 1 / fan_in) and zero bias:
+    no ReLU follows it, so He's factor 2 has no reason to be there; this is also the variance
+    of the Caffe/Torch-era default up to a constant, and the papers do not specify it.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int = 1000
+    stem: str = 'imagenet'
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    width_multiplier: float = 1.0
+    shortcut: str = 'B'
+    zero_init_last: bool = False
+    stride_on_3x3: bool = False
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    ghost_batch_size: Optional[int] = None
+    kernel_init: Union[str, Callable] = 'fan_in'
+
+    def __post_init__(self) -> None:
+        validate(self)
+        super().__post_init__()
+
+    def __call__(self, x: Array, train: bool = True) -> Array:
+        """Logits (float32) of images ``x`` (N, H, W, C); any H, W that survive the strides."""
+        return self._forward(x, train, with_head=True)[1]
+
+    def features(self, x: Array, train: bool = False) -> dict[str, Array]:
+        """Backbone outputs without the head: {'stem', 'stage1', ..., 'stageN'}.
+
+        'stem' is the stem conv output (after BN-ReLU for post-activation nets) before the
+        max-pool, at stride 2 for the ImageNet stem; stage i is at stride 2**(i+1) on
+        ImageNet (4, 8, 16, 32) and 2**(i-1) on CIFAR. Stage outputs of pre-activation nets
+        are the raw sums (the final BN-ReLU belongs to the head).
+        """
+        return self._forward(x, train, with_head=False)[0]
+
+    @nn.compact
+    def _forward(self, x: Array, train: bool, with_head: bool) -> tuple[dict, Optional[Array]]:
+        dtype = resolve_dtype(self.dtype)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                                 kernel_init=_kernel_init(self.kernel_init))
+        norm = functools.partial(GhostBatchNorm, use_running_average=not train,
+                                 momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype,
+                                 param_dtype=jnp.float32, ghost_batch_size=self.ghost_batch_size)
+        preact = block_class(self.block_cls).preact
+        feats = {}
+        x = self._stem(x.astype(dtype), conv, norm, preact, feats)
+        for i, size in enumerate(self.stage_sizes):
+            for j in range(size):
+                x = self.block_cls(
+                    filters=scaled_width(self.stage_widths[i], self.width_multiplier),
+                    strides=2 if i > 0 and j == 0 else 1,
+                    conv=conv, norm=norm, act=nn.relu, shortcut=self.shortcut,
+                    zero_init_last=self.zero_init_last, name=f'stage{i + 1}_block{j + 1}',
+                    **_block_options(self.block_cls, self.stride_on_3x3))(x)
+            feats[f'stage{i + 1}'] = x
+        if not with_head:
+            return feats, None
+        if preact:
+            x = nn.relu(norm(name='final_bn')(x))
+        # Pool and classify in float32 so the loss sees full-precision logits.
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                          name='head')(x)
+        return feats, logits
+
+    def _stem(self, x: Array, conv: ModuleDef, norm: ModuleDef, preact: bool,
+              feats: dict) -> Array:
+        width = scaled_width(self.stage_widths[0], self.width_multiplier)
+        if self.stem == 'imagenet':
+            x = conv(width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='stem_conv')(x)
+        else:
+            x = conv(width, (3, 3), padding=((1, 1), (1, 1)), name='stem_conv')(x)
+        # Pre-activation CIFAR nets go straight from the stem conv into the first block
+        # (whose BN-ReLU follows it); the 2016 paper's ImageNet nets keep BN-ReLU before
+        # the max-pool, so the pool sees activations, not raw conv outputs.
+        if not preact or self.stem == 'imagenet':
+            x = nn.relu(norm(name='stem_bn')(x))
+        feats['stem'] = x
+        if self.stem == 'imagenet':
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return x
+
+
+def _kernel_init(kernel_init: Union[str, Callable]) -> Callable:
+    return he_normal(kernel_init) if isinstance(kernel_init, str) else kernel_init
+
+
+def _block_options(block_cls: ModuleDef, stride_on_3x3: bool) -> dict:
+    """Block-specific fields the network forwards (only to blocks that declare them)."""
+    fields = getattr(block_class(block_cls), '__dataclass_fields__', {})
+    return {'stride_on_3x3': stride_on_3x3} if 'stride_on_3x3' in fields else {}
+
+
+def _positive_ints(name: str, values: Any) -> None:
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                       for v in values)):
+        raise ValueError(f'{name}={values!r} must be a non-empty sequence of positive ints')
+
+
+def validate(net: ResNet) -> None:
+    """Raises ValueError naming the field, its value and what is allowed."""
+    _positive_ints('stage_sizes', net.stage_sizes)
+    _positive_ints('stage_widths', net.stage_widths)
+    if len(net.stage_widths) != len(net.stage_sizes):
+        raise ValueError(f'stage_widths={tuple(net.stage_widths)} must have one width per stage '
+                         f'(stage_sizes={tuple(net.stage_sizes)} has {len(net.stage_sizes)})')
+    block = block_class(net.block_cls)
+    if not all(hasattr(block, attr) for attr in ('expansion', 'residual', 'preact')):
+        raise ValueError(f'block_cls={net.block_cls!r} is not a block of resnet_jax.models.blocks '
+                         '(needs class attributes expansion, residual, preact)')
+    if net.stem not in STEMS:
+        raise ValueError(f'stem={net.stem!r} is not one of {STEMS}')
+    if net.shortcut not in SHORTCUTS:
+        raise ValueError(f'shortcut={net.shortcut!r} is not one of {SHORTCUTS}')
+    if not isinstance(net.width_multiplier, (int, float)) or net.width_multiplier <= 0:
+        raise ValueError(f'width_multiplier={net.width_multiplier!r} must be a positive number')
+    if not isinstance(net.num_classes, (int, np.integer)) or net.num_classes <= 0:
+        raise ValueError(f'num_classes={net.num_classes!r} must be a positive int')
+    if net.zero_init_last and not block.residual:
+        raise ValueError(f'zero_init_last=True is not allowed with {block.__name__}: plain nets '
+                         'have no identity path (a zero branch would cut the signal)')
+    if not 0.0 <= net.bn_momentum < 1.0:
+        raise ValueError(f'bn_momentum={net.bn_momentum!r} must be in [0, 1) (Flax convention: '
+                         'weight of the old running average)')
+    if not net.bn_epsilon > 0:
+        raise ValueError(f'bn_epsilon={net.bn_epsilon!r} must be > 0')
+    if net.ghost_batch_size is not None and (
+            not isinstance(net.ghost_batch_size, (int, np.integer)) or net.ghost_batch_size <= 0):
+        raise ValueError(
+            f'ghost_batch_size={net.ghost_batch_size!r} must be None or a positive int')
+    if not callable(net.kernel_init) and net.kernel_init not in KERNEL_INIT_MODES:
+        raise ValueError(f'kernel_init={net.kernel_init!r} is not one of {KERNEL_INIT_MODES} '
+                         'or an initialiser callable')
+    resolve_dtype(net.dtype)

@@ -1,0 +1,109 @@
+"""Devices, mesh and shardings; multi-host start-up; host arrays -> global arrays.
+
+One code path for every scale: a 1-D mesh with a 'data' axis over all devices of all
+processes. Batches are sharded along their first dimension, parameters and optimizer
+state are replicated, and `jax.jit` inserts the collectives (gradient and BatchNorm
+reductions over the global batch). No pmap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+# Environment variables that say "this process is one of several" to jax.distributed's
+# auto-detection (SLURM, Open MPI, Cloud TPU pods, GKE/JobSet, an explicit coordinator).
+_CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                  "JAX_COORDINATOR_ADDRESS", "JOBSET_NAME")
+
+
+class DistributedError(ValueError):
+    """The multi-process set-up does not match what the config or environment says."""
+
+
+def _cluster_detected() -> bool:
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False  # one task of a SLURM job: nothing to coordinate
+    if os.environ.get("TPU_WORKER_HOSTNAMES") is not None and "," not in os.environ["TPU_WORKER_HOSTNAMES"]:
+        return False  # a single-host TPU VM
+    return any(os.environ.get(k) for k in _CLUSTER_HINTS)
+
+
+def initialize(dist: Mapping[str, Any]) -> None:
+    """Starts jax.distributed as `dist` (the config's `distributed` block) says.
+
+    initialize='never': single process. 'always': call jax.distributed.initialize, with
+    the explicit coordinator_address / num_processes / process_id when given, else JAX's
+    auto-detection (Cloud TPU, SLURM, Open MPI). 'auto': as 'always' when explicit
+    fields are given or a cluster environment is detected, else single process.
+    Must run before anything touches jax.devices().
+    """
+    mode = dist.get("initialize", "auto")
+    explicit = dist.get("coordinator_address") is not None
+    if mode == "never" or jax.distributed.is_initialized():
+        return
+    if mode == "auto" and not explicit and not _cluster_detected():
+        return
+    # Multi-process collectives on CPU need an implementation; it does not affect GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=dist["coordinator_address"],
+                      num_processes=dist["num_processes"], process_id=dist["process_id"])
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # JAX raises RuntimeError / ValueError with its own wording
+        raise DistributedError(
+            f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {e}. "
+            "Check config.distributed (coordinator_address host:port reachable from every process, "
+            "num_processes equal on all, process_id unique) or set config.distributed.initialize='never'."
+        ) from e
+    expected = dist.get("num_processes")
+    if expected is not None and jax.process_count() != expected:
+        raise DistributedError(f"config.distributed.num_processes = {expected} but {jax.process_count()} "
+                               "processes joined")
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh over every device of every process (or the given ones)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Sharded along `axis` (the batch axis) over the mesh's 'data' axis."""
+    return NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
+
+
+def check_divisible(size: int, mesh: Mesh, what: str) -> None:
+    n = mesh.devices.size
+    if size % n:
+        raise DistributedError(f"{what} = {size} does not divide by the {n} devices of the mesh; "
+                               f"use a multiple of {n}")
+
+
+def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host array that every process holds in full.
+
+    Each process fills only its addressable shards, so it works unchanged from one
+    device to many hosts (the host array is small: indices, CIFAR, statistics).
+    """
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,272 @@
+"""The run's working directory: creation, sanity checks, config.json, atomic JSON files.
+
+A workdir holds everything a run needs to resume and to be judged (config.json,
+metrics.jsonl, checkpoints/, results.json). This module owns the checks made before
+any compile (writable? enough free space? same config as the run being resumed?) and
+the crash-safe way of writing small files into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+# Non-finite floats are not valid JSON; they are written as these strings (the
+# spellings JavaScript and Python's own `json` use) so a diverged run's NaN loss
+# stays visible and every file stays readable by strict JSON parsers.
+STR_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used as asked (unwritable, full, or a different config)."""
+
+
+def to_json_compatible(obj: Any) -> Any:
+    """Returns `obj` with numpy/jax scalars and arrays as Python values, NaN/inf as strings.
+
+    Anything exposing `__array__` (numpy and jax arrays and scalars) is pulled to the
+    host once, so callers may pass device values straight from a jitted step.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_json_compatible(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_compatible(v) for v in obj]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if hasattr(obj, "__array__"):  # numpy and jax arrays and scalars
+        return to_json_compatible(np.asarray(obj).tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, (int, float)):
+        return obj
+    raise ValueError(
+        f"value {obj!r} of type {type(obj).__name__} cannot be written as JSON; "
+        "allowed: numbers, strings, bools, None, lists, dicts and numpy/jax arrays"
+    )
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or a new entry in directory `path` survive a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replaces `path` with `data` so a reader sees either the old or the new file, whole.
+
+    The temporary name carries host and pid so that several processes writing the same
+    file never share a temporary.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (see `atomic_write_bytes`)."""
+    text = json.dumps(to_json_compatible(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}`; empty sub-dicts are kept as leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_dict(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+_MISSING = "<absent>"
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], ignore_keys: set[str]
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every leaf that differs and is not ignored.
+
+    An ignored key also covers everything below it ('data' ignores 'data.dir').
+    """
+    old_flat, new_flat = flatten_dict(old), flatten_dict(new)
+
+    def ignored(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in ignore_keys)
+
+    diffs = {}
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        before, after = old_flat.get(key, _MISSING), new_flat.get(key, _MISSING)
+        if before != after and not ignored(key):
+            diffs[key] = (before, after)
+    return diffs
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {str(path)!r} cannot be created ({e}); choose another --workdir "
+            "or fix the permissions of its parent"
+        ) from e
+    if not path.is_dir():
+        raise WorkdirError(f"workdir {str(path)!r} exists but is not a directory; choose another --workdir")
+
+
+def _check_writable(path: Path) -> None:
+    # os.access lies on network filesystems and for root; only a real write tells.
+    probe = path / f".write_probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {str(path)!r} is not writable ({e}); choose another --workdir "
+            "or fix its permissions"
+        ) from e
+
+
+def _check_free_space(path: Path, min_free_bytes: int) -> None:
+    free = shutil.disk_usage(path).free
+    if free < min_free_bytes:
+        raise WorkdirError(
+            f"workdir {str(path)!r} has {free / 2**30:.2f} GiB free but the run needs at "
+            f"least {min_free_bytes / 2**30:.2f} GiB (checkpoints and metrics); free some "
+            "space or choose another --workdir"
+        )
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """The stored config, or None when the file is unreadable (named in a warning)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s); treating it as a different config", path, e)
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _backup_name(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"config.{stamp}.json")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"config.{stamp}-{n}.json")
+        n += 1
+    return candidate
+
+
+def _format_diffs(diffs: Mapping[str, tuple[Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in diffs.items())
+
+
+def _reconcile_config(
+    path: Path,
+    config: dict[str, Any],
+    *,
+    allow_config_change: bool,
+    ignore_keys: set[str],
+    override_hint: str,
+) -> None:
+    """Writes config.json, or refuses a resume whose config changed what matters."""
+    if not path.exists():
+        atomic_write_json(path, config)
+        return
+    stored = _read_config(path)
+    if stored is None:
+        diffs = {"<whole file>": ("<unreadable>", "<new config>")}
+    else:
+        diffs = config_differences(stored, config, ignore_keys)
+    if diffs and not allow_config_change:
+        raise WorkdirError(
+            f"{path} was written by a run with a different config; resuming would mix "
+            f"two experiments. Differing keys (old -> new):\n{_format_diffs(diffs)}\n"
+            f"Use another --workdir, or pass {override_hint} to resume with the new "
+            "config (the old config.json is kept as config.<timestamp>.json)."
+        )
+    if diffs:
+        backup = _backup_name(path)
+        shutil.copy2(path, backup)
+        log.warning(
+            "config changed on resume (allowed by %s); old config kept as %s. "
+            "Differing keys (old -> new):\n%s",
+            override_hint, backup, _format_diffs(diffs),
+        )
+    if stored != config:
+        # Ignorable keys (cadences, logging) may differ: config.json tracks the live run.
+        atomic_write_json(path, config)
+
+
+def prepare_workdir(
+    workdir: str | os.PathLike,
+    config_json: Mapping[str, Any],
+    *,
+    allow_config_change: bool,
+    ignore_keys: set[str],
+    override_hint: str = "--config.allow_config_change=True",
+    min_free_bytes: int = 0,
+    is_primary: bool | None = None,
+) -> Path:
+    """Creates and checks `workdir`; returns its absolute path.
+
+    Checks, in order: the directory can be created, a file can really be written in
+    it, it has `min_free_bytes` free. Then, on the primary process only (others would
+    race on config.json; `is_primary` defaults to `jax.process_index() == 0`, so call
+    this after `jax.distributed.initialize`): writes config.json on a first run, or
+    compares it with `config_json` on a resume and raises `WorkdirError` listing the
+    differing keys (dotted paths; `ignore_keys` and everything below them are exempt)
+    unless `allow_config_change`, in which case the old file is kept as
+    config.<timestamp>.json and a warning lists the changes. `override_hint` is the
+    caller's spelling of that switch, quoted in the error.
+    """
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
+    _make_dir(path)
+    _check_writable(path)
+    _check_free_space(path, min_free_bytes)
+    if is_primary is None:
+        is_primary = jax.process_index() == 0
+    if is_primary:
+        try:
+            config = to_json_compatible(config_json)
+        except ValueError as e:
+            raise ValueError(f"config_json cannot be stored as {CONFIG_FILE}: {e}") from e
+        _reconcile_config(
+            path / CONFIG_FILE,
+            config,
+            allow_config_change=allow_config_change,
+            ignore_keys=ignore_keys,
+            override_hint=override_hint,
+        )
+    return path
