@@ -108,16 +108,16 @@ def paper(name: str, batch: str = "128") -> ml_collections.ConfigDict:
 
 
 def quick(batch: str = "128") -> ml_collections.ConfigDict:
-    """ResNet-20 for 2 CPU cores: about 10 minutes, about 70% test accuracy.
+    """ResNet-20 for 2 CPU cores: under 10 minutes, about 68% test accuracy.
 
-    Same network, data and augmentation as the paper; a 900-step schedule (2.3 epochs) in place of
-    64k steps (lr 0.1 -> 0.01 -> 0.001 at the same relative points).
+    Same network, data and augmentation as the paper; an 800-step schedule (2 epochs) in place of
+    64k steps: lr 0.1, divided by 10 at steps 550 and 700.
     """
     c = paper("resnet20", batch=batch)
-    c.schedule.total_steps = 900
-    c.schedule.boundaries = (600, 800)
+    c.schedule.total_steps = 800
+    c.schedule.boundaries = (550, 700)
     c.steps_per_dispatch = 25
     c.log_every_steps = 50
-    c.eval_every_steps = 450
-    c.checkpoint_every_steps = 150
+    c.eval_every_steps = 800
+    c.checkpoint_every_steps = 200
     return c

@@ -4,8 +4,10 @@ r"""Command line: train and evaluate as a config says.
       [--config.batch_size=1024 --config.model.dtype=bfloat16 ...]
 
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
-Mistakes in the config, the data or the workdir end the run with a one-line error
-(exit status 2) before anything is compiled.
+Exit status: 0 done; 2 a mistake in the config, the data or the workdir (one line,
+before anything is compiled), or a full/unwritable disk; 3 the loss diverged (the last
+good checkpoint is kept); 143 (128 + SIGTERM) preempted after saving a checkpoint:
+rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from resnet_jax.data import DataError
 from resnet_jax.parallel import DistributedError
 from resnet_jax.train.checkpoint import CheckpointError
 from resnet_jax.train.config import ConfigError
-from resnet_jax.train.loop import NonFiniteLossError, train_and_evaluate
+from resnet_jax.train.loop import NonFiniteLossError, PreemptedError, train_and_evaluate
 from resnet_jax.train.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet20.",
@@ -28,7 +30,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, DistributedError)
+# OSError: a disk that fills up or turns read-only mid-run (metrics, results.json);
+# its message names the file.
+USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, DistributedError, OSError)
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 128 + 15
 
 
 def main(argv: list[str]) -> None:
@@ -41,10 +46,13 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(EXIT_DIVERGED)
+    except PreemptedError as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

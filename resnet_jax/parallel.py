@@ -36,14 +36,15 @@ def _cluster_detected() -> bool:
     return any(os.environ.get(k) for k in _CLUSTER_HINTS)
 
 
-def initialize(dist: Mapping[str, Any]) -> None:
+def initialize(dist: Mapping[str, Any], timeout_s: int = 300) -> None:
     """Starts jax.distributed as `dist` (the config's `distributed` block) says.
 
     initialize='never': single process. 'always': call jax.distributed.initialize, with
     the explicit coordinator_address / num_processes / process_id when given, else JAX's
     auto-detection (Cloud TPU, SLURM, Open MPI). 'auto': as 'always' when explicit
     fields are given or a cluster environment is detected, else single process.
-    Must run before anything touches jax.devices().
+    Must run before anything touches jax.devices(). `timeout_s`: how long the processes
+    wait for each other to join (JAX's own default; large pods may need more).
     """
     mode = dist.get("initialize", "auto")
     explicit = dist.get("coordinator_address") is not None
@@ -53,12 +54,12 @@ def initialize(dist: Mapping[str, Any]) -> None:
         return
     # Multi-process collectives on CPU need an implementation; it does not affect GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if explicit:
         kwargs = dict(coordinator_address=dist["coordinator_address"],
                       num_processes=dist["num_processes"], process_id=dist["process_id"])
     try:
-        jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
     except Exception as e:  # JAX raises RuntimeError / ValueError with its own wording
         raise DistributedError(
             f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {e}. "
@@ -67,8 +68,10 @@ def initialize(dist: Mapping[str, Any]) -> None:
         ) from e
     expected = dist.get("num_processes")
     if expected is not None and jax.process_count() != expected:
+        # Only the coordinator's count is binding; a process told otherwise would
+        # compute its share of every batch wrongly.
         raise DistributedError(f"config.distributed.num_processes = {expected} but {jax.process_count()} "
-                               "processes joined")
+                               "processes joined; give every process the same num_processes")
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -103,6 +106,33 @@ def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def host_local_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global batch arrays from each process's own rows (a per-host input pipeline).
+
+    Every process passes its share of the global batch (the same leading size on all
+    processes: `global batch / process_count`); the rows of process p become rows
+    [p * n, (p + 1) * n) of the global arrays, sharded along 'data' over `mesh`, and no
+    process ever holds another's rows. Shapes are checked here, not inside a compiled step.
+    """
+    if not local:
+        raise ValueError("host_local_to_global: the batch is empty; pass a dict of arrays such as "
+                         "{'image': ..., 'label': ...}")
+    arrays = {k: np.asarray(v) for k, v in local.items()}
+    sizes = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"host_local_to_global: every array needs the same leading (batch) size; got {sizes}")
+    rows = next(iter(sizes.values()))
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if local_devices == 0 or rows % local_devices:
+        raise ValueError(f"host_local_to_global: the local batch of {rows} rows does not divide by this "
+                         f"process's {local_devices} devices of the mesh; per-host batch must be a multiple "
+                         f"of {local_devices} (global batch = per-host batch x {jax.process_count()} processes)")
+    sharding = batch_sharded(mesh)
+    global_rows = rows * jax.process_count()
+    return {k: jax.make_array_from_process_local_data(sharding, a, (global_rows, *a.shape[1:]))
+            for k, a in arrays.items()}
 
 
 def is_main_process() -> bool:

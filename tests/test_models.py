@@ -186,7 +186,10 @@ def test_features_share_parameter_names_with_call():
     backbone = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((1, 64, 64, 3)),
                                                  method=ResNet.features))
     assert set(full['params']) - set(backbone['params']) == {'final_bn', 'head'}
-    assert 'stem_bn' not in full['params']  # pre-activation stem: conv only
+    # The 2016 paper's ImageNet pre-act stem keeps BN-ReLU before the max-pool; its CIFAR
+    # stem is a bare conv (the first block's BN-ReLU follows it).
+    assert 'stem_bn' in full['params']
+    assert 'stem_bn' not in abstract_variables(build_model('cifar_preact_resnet110'), 32)['params']
 
 
 # --------------------------------------------------------------------------- block numerics

@@ -7,7 +7,7 @@ decides *topology*. Class attributes tell the network what a block is:
 
 * ``expansion``: output channels = ``filters * expansion`` (1 basic, 4 bottleneck);
 * ``residual``: whether the block has a shortcut at all (False for the plain nets);
-* ``preact``: 2016 pre-activation ordering (the network then drops the stem BN-ReLU and
+* ``preact``: 2016 pre-activation ordering (the network then drops the CIFAR stem's BN-ReLU and
   adds a final BN-ReLU before pooling).
 
 Submodule names are fixed (``conv1``, ``bn1``, ..., ``proj_conv``, ``proj_bn``) so that

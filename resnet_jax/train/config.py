@@ -250,13 +250,28 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
                               f"the {num_eval} evaluation images")
         num_eval = flat["dataset.eval_subset"]
 
+    scaled = tuple(_scaled(b, batch, ref) for b in boundaries)
+    if any(b <= 0 or b >= total for b in scaled):
+        # Rounding to 0 would decay the rate from the first step; to `total`, never.
+        raise ConfigError(
+            f"config field schedule.boundaries = {boundaries}: rescaled from reference_batch_size {ref} "
+            f"to batch_size {batch} they become {scaled}, outside (0, {total} steps); use a smaller "
+            "batch_size or more schedule.total_steps")
+
+    warmup = _scaled(flat["schedule.warmup_steps"], batch, ref)
+    if flat["schedule.warmup_steps"] and not warmup:
+        raise ConfigError(
+            f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} rounds to 0 steps at "
+            f"batch_size {batch} (given at reference_batch_size {ref}): the warm-up would vanish; "
+            "use more warmup_steps, or 0 for none")
+
     lr_scale = batch / ref
     return Derived(
         learning_rate=flat["optimizer.learning_rate"] * lr_scale,
         warmup_learning_rate=flat["schedule.warmup_learning_rate"] * lr_scale,
         total_steps=total,
-        boundaries=tuple(_scaled(b, batch, ref) for b in boundaries),
-        warmup_steps=_scaled(flat["schedule.warmup_steps"], batch, ref),
+        boundaries=scaled,
+        warmup_steps=warmup,
         steps_per_epoch=num_train // batch,
         num_train=num_train,
         num_eval=num_eval,

@@ -1,0 +1,224 @@
+"""Scale-out: 1 device, 8 simulated devices and 2 real processes run the same trainer.
+
+Device counts are fixed when JAX starts, so every run happens in a subprocess
+(tests/_multiprocess_worker.py) with its own XLA_FLAGS; the subprocesses share one
+persistent compilation cache. Every subprocess has a timeout and is killed on failure.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from _configs import tiny_config
+from resnet_jax import parallel
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import loop
+from resnet_jax.train.metrics import read_metrics
+
+WORKER = Path(__file__).resolve().parent / "_multiprocess_worker.py"
+TIMEOUT_S = 240
+
+# 8 steps, one per dispatch, so metrics.jsonl holds every step's loss; eval batch 200
+# divides by 8 devices (the tiny config's 250 does not).
+STEPS = {"schedule__total_steps": 8, "schedule__boundaries": [6], "steps_per_dispatch": 1,
+         "log_every_steps": 1, "eval_every_steps": 8, "checkpoint_every_steps": 4, "eval_batch_size": 200}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(job: dict, devices: int, cache_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(job)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[tuple[int, str, str]]:
+    """Waits for all; kills every one still running if any times out."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def run_ok(procs: list[subprocess.Popen]) -> list[str]:
+    results = finish(procs)
+    for rc, _, err in results:
+        assert rc == 0, err[-4000:]
+    return [out for _, out, _ in results]
+
+
+def train_losses(workdir: Path) -> np.ndarray:
+    return np.array([r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"])
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_trees_close(a: dict, b: dict, rel: float) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        scale = max(float(np.max(np.abs(a[k]))), 1e-3)
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=rel * scale, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_vs_eight(tmp_path_factory, cache_dir):
+    """Global BN and ghost BN (G=4) runs on 1 device and on 8, in two concurrent processes."""
+    root = tmp_path_factory.mktemp("scale")
+    procs, runs = [], {}
+    for devices in (1, 8):
+        job = {"mode": "train", "runs": [], "hlo": str(root / f"hlo{devices}.txt") if devices == 8 else None}
+        for bn, extra in (("global", {}), ("ghost4", {"model__ghost_batch_size": 4})):
+            name = f"{bn}_{devices}"
+            runs[name] = root / name
+            job["runs"].append({"workdir": str(root / name), "overrides": {**STEPS, **extra},
+                                "out": str(root / f"{name}.npz")})
+        procs.append(start(job, devices, cache_dir))
+    run_ok(procs)
+    return root, runs
+
+
+def test_eight_devices_train_like_one_with_global_batchnorm(one_vs_eight):
+    root, runs = one_vs_eight
+    one, eight = load(root / "global_1.npz"), load(root / "global_8.npz")
+    assert int(one.pop("step")) == int(eight.pop("step")) == 8
+    # Float32 sums over the batch are reordered (8 partial sums + an all-reduce): the
+    # first step already differs by ~1 ulp, and 8 SGD steps left <= 6e-6 of each
+    # array's scale when measured. 1e-4 leaves a wide margin, yet per-device BN
+    # statistics (the ghost test below) move the parameters by ~1e-2 of their scale.
+    assert_trees_close(one, eight, rel=1e-4)
+    np.testing.assert_allclose(train_losses(runs["global_8"]), train_losses(runs["global_1"]), rtol=1e-5)
+    assert len(train_losses(runs["global_8"])) == 8
+    results = json.loads((runs["global_8"] / "results.json").read_text())
+    assert results["hardware"]["devices"] == 8
+
+
+def test_ghost_batchnorm_is_per_group_and_independent_of_the_device_count(one_vs_eight):
+    root, runs = one_vs_eight
+    ghost1, glob = load(root / "ghost4_1.npz"), load(root / "global_1.npz")
+    # Groups are runs of 4 consecutive examples; device shards are runs of 4 too, so the
+    # statistics cover the same examples on 1 device and on 8. Statistics of 4 examples
+    # amplify round-off (1 / sqrt(var) of tiny variances): the losses drift apart by
+    # ~1e-4 over 8 steps when measured, against ~5e-2 between ghost and global BN.
+    ghost_1, ghost_8, global_1 = (train_losses(runs[n]) for n in ("ghost4_1", "ghost4_8", "global_1"))
+    np.testing.assert_allclose(ghost_8, ghost_1, rtol=0, atol=1e-3)
+    assert np.max(np.abs(ghost_1 - global_1)) > 1e-2
+    stats = "['batch_stats']['stem_bn']['var']"
+    gap = np.max(np.abs(ghost1[stats] - glob[stats])) / np.max(np.abs(glob[stats]))
+    assert gap > 1e-2, "ghost batches of 4 must give other running BN statistics than the global batch"
+
+
+def test_each_device_gathers_only_its_share_of_the_batch(one_vs_eight):
+    """In the compiled 8-device step no image-sized array crosses devices.
+
+    Each device gathers 4 of the 32 images from its replica of the data set; the only
+    collectives are all-reduces of gradients, BN statistics and metrics.
+    """
+    root, _ = one_vs_eight
+    hlo = (root / "hlo8.txt").read_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" not in hlo
+    assert "u8[4,1,32,32,3]" in hlo and "u8[32," not in hlo
+    assert "all-reduce" in hlo
+
+
+def test_two_processes_train_together_and_one_process_restores(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    for pid in range(2):
+        overrides = {**STEPS, "distributed__coordinator_address": address, "distributed__num_processes": 2,
+                     "distributed__process_id": pid}
+        job = {"mode": "train", "runs": [{"workdir": str(workdir), "overrides": overrides,
+                                          "out": str(tmp_path / "saved.npz")}],
+               "local_batch": str(tmp_path / "local_batch.npz")}
+        procs.append(start(job, 2, cache_dir))
+    run_ok(procs)
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["hardware"]["processes"] == 2 and results["hardware"]["devices"] == 4
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"] == list(range(1, 9))
+
+    # Each process contributed its own 4 rows (values p + 1, labels 100 p + i) to a global batch of 8.
+    batch = load(tmp_path / "local_batch.npz")
+    assert batch["global_shape"].tolist() == [8, 3]
+    np.testing.assert_array_equal(batch["image_rows"], [3] * 4 + [6] * 4)
+    np.testing.assert_array_equal(batch["label"], [0, 1, 2, 3, 100, 101, 102, 103])
+
+    restore = {"mode": "restore", "workdir": str(workdir), "overrides": STEPS, "out": str(tmp_path / "restored.npz")}
+    run_ok([start(restore, 1, cache_dir)])
+    saved, restored = load(tmp_path / "saved.npz"), load(tmp_path / "restored.npz")
+    assert int(saved.pop("step")) == int(restored.pop("step")) == 8
+    assert int(restored.pop("num_devices")) == 1
+    assert restored.pop("shardings").tolist() == [str(parallel.replicated(parallel.make_mesh(jax.devices()[:1])))]
+    assert sorted(saved) == sorted(restored) and len(saved) > 50
+    for k in saved:
+        np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
+
+
+def test_a_process_told_another_process_count_is_refused(cache_dir):
+    address = f"127.0.0.1:{free_port()}"
+    jobs = [{"mode": "initialize", "timeout_s": 20,
+             "distributed": {"coordinator_address": address, "num_processes": n, "process_id": pid}}
+            for pid, n in ((0, 2), (1, 3))]
+    results = finish([start(job, 1, cache_dir) for job in jobs], timeout=90)
+    rc, _, err = results[1]
+    assert rc != 0
+    assert "WORKER-ERROR DistributedError: config.distributed.num_processes = 3 but 2 processes joined" in err
+
+
+def test_batch_that_does_not_divide_by_the_devices_is_refused_before_compiling(cifar_dir, tmp_path, monkeypatch):
+    config = tiny_config(cifar_dir, batch_size=30, eval_batch_size=200)
+    with pytest.raises(config_lib.ConfigError, match=r"batch_size = 30 does not divide by the 4 devices"):
+        config_lib.validate(config, num_devices=4)
+    # Through the trainer: refused after the mesh is known, before the workdir, data or a compile.
+    monkeypatch.setattr(parallel, "make_mesh", lambda: parallel.Mesh(np.array(jax.devices() * 4), ("data",)))
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before refusing the config"))
+    with pytest.raises(config_lib.ConfigError, match="batch_size = 30"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_process_id_beyond_the_process_count_is_refused(cifar_dir):
+    config = tiny_config(cifar_dir, distributed__coordinator_address="127.0.0.1:1", distributed__num_processes=2,
+                         distributed__process_id=2)
+    with pytest.raises(config_lib.ConfigError, match="distributed.process_id = 2 must be below"):
+        config_lib.validate(config)
+
+
+def test_host_local_batches_become_one_global_batch():
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    local = {"image": np.arange(12, dtype=np.float32).reshape(4, 3), "label": np.arange(4, dtype=np.int32)}
+    batch = parallel.host_local_to_global(local, mesh)
+    assert batch["image"].shape == (4, 3) and batch["image"].sharding == parallel.batch_sharded(mesh)
+    np.testing.assert_array_equal(np.asarray(batch["label"]), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="same leading"):
+        parallel.host_local_to_global({"image": np.zeros((4, 3)), "label": np.zeros(3)}, mesh)
+    with pytest.raises(ValueError, match="empty"):
+        parallel.host_local_to_global({}, mesh)

@@ -1,0 +1,104 @@
+"""End to end on real CIFAR-10: the loss falls, the net beats chance, resume is exact."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from _configs import tiny_config
+from resnet_jax.train import feeding, loop
+from resnet_jax.train.checkpoint import Checkpointer
+from resnet_jax.train.config import ConfigError
+from resnet_jax.train.metrics import read_metrics
+
+
+def final_items(workdir):
+    """The newest checkpoint's arrays, restored without knowing their structure."""
+    with Checkpointer(workdir / "checkpoints", max_to_keep=5) as ckpt:
+        import orbax.checkpoint as ocp
+
+        mngr = ocp.CheckpointManager(ckpt.directory)
+        step = mngr.latest_step()
+        items = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        mngr.close()
+    return step, jax.tree.map(np.asarray, items)
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_dir, tmp_path_factory):
+    """300 steps of ResNet-8 on 2,048 real training images, evaluated on 500 test images."""
+    workdir = tmp_path_factory.mktemp("trained")
+    config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
+                         steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
+                         checkpoint_every_steps=150, optimizer__learning_rate=0.1)
+    results = loop.train_and_evaluate(config, str(workdir))
+    return workdir, results
+
+
+def test_loss_falls_and_test_error_beats_chance(trained):
+    workdir, results = trained
+    train = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(25, 301, 25))
+    assert np.mean([r["loss"] for r in train[-3:]]) < 0.8 * train[0]["loss"]
+    evals = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"]
+    assert [r["step"] for r in evals] == [150, 300] and all(r["count"] == 500 for r in evals)
+    # Chance is 90% error; 500 images put a binomial std of ~1.3% on the estimate.
+    assert results["final_error"] < 0.7
+    assert results["final_error"] == evals[-1]["error"]
+
+
+def test_workdir_holds_what_a_run_needs_to_be_judged(trained):
+    workdir, results = trained
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["final_error"] == results["final_error"] and on_disk["steps"] == 300
+    assert on_disk["params"] == 75_290  # CIFAR ResNet-8, option A (16-32-64, one block a stage)
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "cifar_resnet8"
+    with Checkpointer(workdir / "checkpoints", max_to_keep=3) as ckpt:
+        assert ckpt.all_steps() == [150, 300]
+
+
+def test_rerunning_a_finished_run_trains_no_further(trained, cifar_dir):
+    workdir, results = trained
+    config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
+                         steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
+                         checkpoint_every_steps=150, optimizer__learning_rate=0.1)
+    again = loop.train_and_evaluate(config, str(workdir))
+    assert again["steps_this_run"] == 0 and again["resumed_from"] == 300
+    assert again["final_error"] == results["final_error"]
+
+
+def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatch):
+    config = tiny_config(cifar_dir)
+    loop.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = feeding.TrainChunk.__call__
+
+    def crash_on_third_chunk(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash after the checkpoint at step 8")
+        return original(self, *args)
+
+    monkeypatch.setattr(feeding.TrainChunk, "__call__", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(feeding.TrainChunk, "__call__", original)
+    results = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert results["resumed_from"] == 8 and results["steps"] == 16
+
+    step_a, a = final_items(tmp_path / "straight")
+    step_b, b = final_items(tmp_path / "resumed")
+    assert step_a == step_b == 16
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    # The resumed run's metrics continue the first run's without duplicates.
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [4, 8, 12, 16]
+
+
+def test_bad_config_is_refused_before_anything_runs(cifar_dir, tmp_path):
+    config = tiny_config(cifar_dir, schedule__boundaries=(12, 4))
+    with pytest.raises(ConfigError, match="schedule.boundaries"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
