@@ -34,7 +34,7 @@ from resnet_jax.data import batching, cifar
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, optim, steps
 from resnet_jax.train.checkpoint import Checkpointer
-from resnet_jax.train.metrics import MetricsWriter, Progress
+from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
 from resnet_jax.train.workdir import atomic_write_json, prepare_workdir
 
@@ -255,7 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compile_s = train_chunk.compile(state, device_data, indices(start_step, k)) if start_step < total else 0.0
 
     progress = Progress(total=total, initial=start_step, enabled=main)
-    evals: list[tuple[int, float]] = []
+    # Evaluations of the run so far (before a resume), so that best_error covers them too.
+    evals: list[tuple[int, float]] = [
+        (r["step"], r["error"]) for r in (read_metrics(writer.path) if main and writer.path.exists() else [])
+        if r["split"] == eval_split]
     sums = {"loss": 0.0, "error": 0.0, "n": 0}
     train_time = 0.0
     step = start_step
@@ -318,9 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"preempted (SIGTERM) at step {step} of {total}; checkpoint step {step} is saved in "
             f"{checkpointer.directory}: rerun the same command to resume from it")
 
-    if not evals:
-        # Resumed a finished run: report its final evaluation again. metrics.jsonl has it
-        # already (the last evaluation precedes the last checkpoint), so it is not rewritten.
+    if not evals or evals[-1][0] != step:
+        # Resumed a finished run whose metrics.jsonl is gone (or not on this process):
+        # evaluate again, without writing a second record for this step.
         evals.append((step, run_eval(step, write=False)["error"]))
     best_step, best_error = min(evals, key=lambda e: e[1])
     steps_run = step - start_step
