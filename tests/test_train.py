@@ -102,3 +102,31 @@ def test_bad_config_is_refused_before_anything_runs(cifar_dir, tmp_path):
     with pytest.raises(ConfigError, match="schedule.boundaries"):
         loop.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_fused_scan_equals_step_by_step_dispatch(cifar_dir):
+    """The lax.scan path (GPU/TPU) computes what the one-step-per-dispatch path (CPU) does."""
+    from resnet_jax import models, parallel
+    from resnet_jax.data import batching, cifar
+    from resnet_jax.train import config as config_lib
+    from resnet_jax.train import steps
+    from resnet_jax.train.state import create_train_state
+
+    config = tiny_config(cifar_dir, batch_size=8, reference_batch_size=8)
+    derived = config_lib.validate(config)
+    mesh = parallel.make_mesh()
+    data = feeding.put_on_devices(cifar.load_cifar10("binary", cifar_dir), mesh, "pixel_mean",
+                                  train_subset=256, eval_subset=8)
+    model = models.build_model("cifar_resnet8")
+    tx, _ = loop.build_optimizer(config, derived)
+    idx = parallel.host_to_global(batching.train_indices(0, 0, 3, 8, 256), parallel.batch_sharded(mesh, 1))
+    results = []
+    for fuse in (True, False):
+        state = create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
+        chunk = feeding.TrainChunk(steps.train_step, mesh, seed=0, pad=4, flip=True, fuse=fuse)
+        state, metrics = chunk(state, data, idx)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p_scan, m_scan), (p_loop, m_loop) = results
+    assert m_scan["loss"].shape == m_loop["loss"].shape == (3,)
+    np.testing.assert_allclose(m_scan["loss"], m_loop["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_scan, p_loop)
