@@ -130,3 +130,31 @@ def test_fused_scan_equals_step_by_step_dispatch(cifar_dir):
     assert m_scan["loss"].shape == m_loop["loss"].shape == (3,)
     np.testing.assert_allclose(m_scan["loss"], m_loop["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_scan, p_loop)
+
+
+_NO_TF_SCRIPT = """
+import json, sys
+sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError, as on the GPU machine
+sys.modules["tensorflow_datasets"] = None
+sys.path.insert(0, {tests!r})
+from _configs import tiny_config
+from resnet_jax.train import loop
+config = tiny_config({data!r}, dataset__source="auto", tensorboard=True, schedule__total_steps=4,
+                     schedule__boundaries=(2,))
+results = loop.train_and_evaluate(config, {workdir!r})
+print(json.dumps({{"steps": results["steps"], "tf": "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None}}))
+"""
+
+
+def test_trains_without_tensorflow(cifar_dir, tmp_path):
+    """The GPU machine has neither TensorFlow nor tfds: CIFAR training must not need them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _NO_TF_SCRIPT.format(tests=str(Path(__file__).parent), data=str(cifar_dir),
+                                  workdir=str(tmp_path / "w"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"steps": 4, "tf": False}
+    assert (tmp_path / "w" / "results.json").exists() and not (tmp_path / "w" / "tensorboard").exists()
