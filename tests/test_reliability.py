@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from _configs import ROOT, load_config, tiny_config
+from _workdirs import final_arrays
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop, workdir as workdir_lib
 from resnet_jax.train.checkpoint import verify_files
@@ -68,17 +68,6 @@ def run(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | Non
                 time.sleep(0.002)
         _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         return proc.returncode, stderr
-
-
-def final_arrays(workdir: Path) -> tuple[int, Any]:
-    """The newest checkpoint's arrays, restored without knowing their structure."""
-    mngr = ocp.CheckpointManager(os.path.abspath(workdir / "checkpoints"))
-    try:
-        step = mngr.latest_step()
-        items = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        mngr.close()
-    return step, jax.tree.map(np.asarray, items)
 
 
 def assert_same_final_state(a: Path, b: Path) -> None:

@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 
 from _configs import tiny_config
+from _workdirs import final_arrays
 from resnet_jax.train import feeding, loop
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.config import ConfigError
 from resnet_jax.train.metrics import read_metrics
-
-
-def final_items(workdir):
-    """The newest checkpoint's arrays, restored without knowing their structure."""
-    with Checkpointer(workdir / "checkpoints", max_to_keep=5) as ckpt:
-        import orbax.checkpoint as ocp
-
-        mngr = ocp.CheckpointManager(ckpt.directory)
-        step = mngr.latest_step()
-        items = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        mngr.close()
-    return step, jax.tree.map(np.asarray, items)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +77,8 @@ def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatc
     results = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert results["resumed_from"] == 8 and results["steps"] == 16
 
-    step_a, a = final_items(tmp_path / "straight")
-    step_b, b = final_items(tmp_path / "resumed")
+    step_a, a = final_arrays(tmp_path / "straight")
+    step_b, b = final_arrays(tmp_path / "resumed")
     assert step_a == step_b == 16
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # The resumed run's metrics continue the first run's without duplicates.
@@ -138,6 +127,7 @@ sys.modules["tensorflow"] = None  # `import tensorflow` now raises ImportError, 
 sys.modules["tensorflow_datasets"] = None
 sys.path.insert(0, {tests!r})
 from _configs import tiny_config
+from _workdirs import final_arrays
 from resnet_jax.train import loop
 config = tiny_config({data!r}, dataset__source="auto", tensorboard=True, schedule__total_steps=4,
                      schedule__boundaries=(2,))

@@ -197,7 +197,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = models.build_model(config.model.name, **config_lib.model_overrides(config.model))
     tx, schedule = build_optimizer(config, derived)
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    shapes = jax.eval_shape(lambda: create_train_state(model, tx, init_key, cifar.IMAGE_SHAPE, mesh))
+    def init_state() -> TrainState:
+        return create_train_state(model, tx, init_key, cifar.IMAGE_SHAPE, mesh)
+
+    shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
 
     workdir_path = prepare_workdir(
         workdir, config.to_dict(), allow_config_change=config.allow_config_change,
@@ -211,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          config.dataset.train_subset, config.dataset.eval_subset)
     eval_split = "validation" if config.dataset.validation_size else "test"
 
-    state = create_train_state(model, tx, init_key, data.train_images.shape[1:], mesh)
+    state = init_state()
     num_params = models.count_params(state.params)
 
     checkpointer = Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
