@@ -1,0 +1,58 @@
+r"""Convert ResNet weights between torchvision/timm files and this project's checkpoints.
+
+  python -m resnet_jax.convert resnet50.pth runs/resnet50_tv      # .pth -> converted checkpoint
+  python -m resnet_jax.convert runs/my_run resnet50_mine.pth      # workdir/checkpoint -> .pth
+
+The direction follows SRC: a ``.pth``/``.pt``/``.bin``/``.safetensors`` file is converted into
+a checkpoint directory DST (orbax, the trainer's layout, with ``pretrained.json`` recording the
+model name, overrides and the source file's name and sha256); a converted checkpoint or a
+training workdir is exported to the weight file DST, which torchvision/timm load with
+``strict=True``. ``--arch`` (resnet18/34/50/101/152, or timm:resnet26 ...) is detected from
+the file's keys when left out. Files are read with ``torch.load(weights_only=True)``, which
+refuses pickles that carry code. Needs torch (``pip install torch torchvision``) for .pth.
+Exit status: 0 done; 2 the input does not fit (the message names the first key/file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from resnet_jax.interop import layout
+from resnet_jax.interop.layout import ConversionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m resnet_jax.convert',
+                                     description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('src', help='weight file (.pth/.safetensors) or checkpoint dir / workdir')
+    parser.add_argument('dst', help='checkpoint directory to create, or weight file to write')
+    parser.add_argument('--arch', default=None,
+                        help=f'architecture; default: detected. One of: {", ".join(layout.SUPPORTED)}')
+    args = parser.parse_args(argv)
+    from resnet_jax.interop import weights as pt
+    try:
+        if pt.is_weight_file(args.src):
+            if pt.is_weight_file(args.dst):
+                raise ConversionError(f'DST {args.dst} is a weight file; converting a weight '
+                                      'file needs a directory as DST')
+            model, variables, record = pt.convert_file(args.src, args.arch)
+            dst = pt.save_converted(args.dst, variables, record)
+            print(f'{args.src} ({record["arch"]}, {model.num_classes} classes) -> {dst}')
+        else:
+            if not pt.is_weight_file(args.dst):
+                raise ConversionError(f'DST {args.dst} must end in one of {pt.WEIGHT_SUFFIXES} '
+                                      'when SRC is a checkpoint directory')
+            state_dict, arch = pt.export_state_dict(args.src, args.arch)
+            from resnet_jax.interop.torch_files import save_state_dict
+            save_state_dict(state_dict, args.dst)
+            print(f'{args.src} ({arch}) -> {args.dst}')
+    except ConversionError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
