@@ -6,3 +6,16 @@ checkpoints, metrics), parallel (mesh, shardings, multi-host), main (the command
 """
 
 __version__ = "0.1.0"
+
+
+def pretrained(path, name=None, **overrides):
+    """``model, variables = resnet_jax.pretrained('resnet50.pth')``: a Flax ResNet and its weights.
+
+    ``path``: a torchvision/timm ``.pth``/``.safetensors`` file, a directory written by
+    ``python -m resnet_jax.convert`` or a training workdir; see
+    :func:`resnet_jax.interop.weights.pretrained`. Imported lazily, so that importing the
+    package does not load orbax (nor ever torch).
+    """
+    from resnet_jax.interop.weights import pretrained as _pretrained
+
+    return _pretrained(path, name, **overrides)
