@@ -1,8 +1,10 @@
-"""CIFAR-10 sources: the official binary version (directory or tar.gz) and tfds.
+"""CIFAR-10 and CIFAR-100 sources: the official binary version (directory, tar.gz, or
+downloaded once into a cache) and tfds.
 
-Owns reading CIFAR-10 into host numpy arrays (`CifarData`), validating the files
+Owns reading CIFAR into host numpy arrays (`CifarData`), validating the files
 on the way in, and carving the paper's held-out validation split out of the
-training set. Augmentation lives in `augment.py`, batch index plans in
+training set. `load_cifar(name, ...)` is the entry point; `load_cifar10` is its
+CIFAR-10 shorthand. Downloading lives in `download.py`. Augmentation lives in `augment.py`, batch index plans in
 `batching.py`. TensorFlow is imported only inside the tfds source, so this module
 works on machines without it.
 """
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.data import DataError
+from resnet_jax.data import DataError, download
 
 BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"
@@ -53,6 +55,33 @@ OFFICIAL_SHA256 = {
     "test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
 }
 
+# The official archives: MD5 as the CIFAR home page publishes it, size and SHA256 as
+# tensorflow-datasets registers them (its url_checksums/cifar10.txt, cifar100.txt).
+CIFAR10_ARCHIVE = download.ArchiveSpec(
+    name=ARCHIVE_NAME, url=BINARY_URL, size=170_052_171,
+    md5="c32a1d4ab5d03f1284b67883e8d87530",
+    sha256="c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+    directory=BATCHES_DIR, files=(*TRAIN_FILES, TEST_FILE))
+
+# CIFAR-100, binary version: one file per split; each record is a coarse label byte
+# (20 superclasses), a fine label byte (100 classes), then the same 3072 pixel bytes.
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
+CIFAR100_ARCHIVE_NAME = "cifar-100-binary.tar.gz"
+CIFAR100_DIR = "cifar-100-binary"
+CIFAR100_TRAIN, CIFAR100_TEST = "train.bin", "test.bin"
+CIFAR100_ENV_VAR = "CIFAR100_DIR"
+CIFAR100_RECORD_BYTES = 2 + 32 * 32 * 3
+# Records per file; a module constant so tests can read small files in the same layout.
+CIFAR100_COUNTS = {CIFAR100_TRAIN: 50_000, CIFAR100_TEST: 10_000}
+CIFAR100_NUM_CLASSES = {"fine": 100, "coarse": 20}
+LABEL_MODES = tuple(CIFAR100_NUM_CLASSES)
+CIFAR100_ARCHIVE = download.ArchiveSpec(
+    name=CIFAR100_ARCHIVE_NAME, url=CIFAR100_URL, size=168_513_733,
+    md5="03b5dce01913d631647c71ecec9e9cb8",
+    sha256="58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+    directory=CIFAR100_DIR, files=(CIFAR100_TRAIN, CIFAR100_TEST))
+DATASETS = ("cifar10", "cifar100")
+
 _GET_BINARY = (
     f"download the binary version from {BINARY_URL} and pass the archive, or the "
     f"{BATCHES_DIR}/ directory it unpacks to, as data_dir (or set {ENV_VAR})"
@@ -67,9 +96,9 @@ HOW_TO_GET = f"To get CIFAR-10: {_GET_BINARY}; {_GET_TFDS}."
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CifarData:
-    """CIFAR-10 in host memory, NHWC uint8 images and int32 labels.
+    """CIFAR-10 or CIFAR-100 in host memory, NHWC uint8 images and int32 labels.
 
-    `test_*` is the official test set, or the held-out tail of the training set
+    Labels are 0 <= label < num_classes = len(class_names). `test_*` is the official test set, or the held-out tail of the training set
     when loaded with `validation_size > 0` (then `source` says so).
     """
 
@@ -94,8 +123,40 @@ class CifarData:
                     f"{split}_labels: got {labels.dtype}{list(labels.shape)}, "
                     f"want int32[{images.shape[0]}] to match {split}_images"
                 )
-        if len(self.class_names) != NUM_CLASSES:
-            raise ValueError(f"class_names: got {len(self.class_names)} names, want {NUM_CLASSES}")
+            if labels.size and not 0 <= labels.min() <= labels.max() < len(self.class_names):
+                raise ValueError(f"{split}_labels: values outside 0..{len(self.class_names) - 1} "
+                                 f"({len(self.class_names)} class_names)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_cifar(
+    name: str,
+    source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    validation_size: int = 0,
+    *,
+    label_mode: str = "fine",
+    verify_checksums: bool = False,
+) -> CifarData:
+    """Loads CIFAR-10 (`name='cifar10'`) or CIFAR-100 (`'cifar100'`).
+
+    With neither data_dir nor $CIFAR10_DIR / $CIFAR100_DIR, the official binary
+    archive is taken from the download cache (`download.cache_dir()`), downloaded
+    there the first time (source 'auto' first looks for a prepared tfds dataset).
+    `label_mode` picks CIFAR-100's 100 'fine' classes or its 20 'coarse' superclasses
+    (CIFAR-10 has only 'fine'). Other arguments: see `load_cifar10`.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"dataset name: got {name!r}, allowed {', '.join(map(repr, DATASETS))}")
+    if label_mode not in LABEL_MODES or (name == "cifar10" and label_mode != "fine"):
+        allowed = "'fine'" if name == "cifar10" else ", ".join(map(repr, LABEL_MODES))
+        raise ValueError(f"label_mode: got {label_mode!r}, allowed for {name}: {allowed}")
+    if name == "cifar10":
+        return load_cifar10(source, data_dir, validation_size, verify_checksums=verify_checksums)
+    return load_cifar100(source, data_dir, validation_size, label_mode=label_mode)
 
 
 def load_cifar10(
@@ -110,10 +171,13 @@ def load_cifar10(
     Args:
       source: 'binary' reads `data_batch_{1..5}.bin` + `test_batch.bin` from a
         directory, a directory holding `cifar-10-batches-bin/`, or the
-        `cifar-10-binary.tar.gz` archive (read in memory, never extracted).
+        `cifar-10-binary.tar.gz` archive (read in memory, never extracted); with
+        neither data_dir nor $CIFAR10_DIR, from the download cache (downloaded
+        and verified the first time, see `download.py`).
         'tfds' reads a prepared tensorflow_datasets `cifar10` (data_dir is then the
         tfds data dir). 'auto' takes the binary files when data_dir or $CIFAR10_DIR
-        locates them, else a prepared tfds dataset (data_dir or the tfds default).
+        locates them, else a prepared tfds dataset (data_dir or the tfds default),
+        else the download cache.
       data_dir: where to look; for 'binary' defaults to $CIFAR10_DIR.
       validation_size: 0 keeps the 50k/10k train/test split; k > 0 moves the last
         k training images into `test_*` (the papers' 45k/5k split with k=5000).
@@ -127,7 +191,10 @@ def load_cifar10(
         raise ValueError(f"source: got {source!r}, allowed {', '.join(map(repr, SOURCES))}")
     _check_validation_size(validation_size, NUM_TRAIN)
     if source == "binary":
-        data = _load_binary(_resolve_binary(_binary_root(data_dir)), verify_checksums)
+        if data_dir is None and not os.environ.get(ENV_VAR):
+            data = _load_binary(download.ensure_extracted(CIFAR10_ARCHIVE), verify_checksums)
+        else:
+            data = _load_binary(_resolve_binary(_binary_root(data_dir)), verify_checksums)
     elif source == "tfds":
         data = _load_tfds(data_dir)
     else:
@@ -180,12 +247,13 @@ def _load_auto(data_dir: str | os.PathLike[str] | None, verify_checksums: bool) 
             f"{TEST_FILE}), a {BATCHES_DIR}/ directory, {ARCHIVE_NAME}, nor a prepared tfds "
             f"cifar10. {HOW_TO_GET}"
         )
+    found = download.cached(CIFAR10_ARCHIVE)
+    if found is not None:
+        return _load_binary(found, verify_checksums)
     if _tfds_prepared(None):
         return _load_tfds(None)
-    raise DataError(
-        f"No CIFAR-10 found: data_dir is None, ${ENV_VAR} is unset, and tfds cifar10 is not "
-        f"importable or not prepared in its default data dir. {HOW_TO_GET}"
-    )
+    # Nothing local: the official archive, downloaded once into the cache.
+    return _load_binary(download.ensure_extracted(CIFAR10_ARCHIVE), verify_checksums)
 
 
 # ---------------------------------------------------------------- binary
@@ -358,12 +426,12 @@ def _import_tfds() -> Any:
     return tfds
 
 
-def _tfds_prepared(data_dir: str | os.PathLike[str] | None) -> bool:
+def _tfds_prepared(data_dir: str | os.PathLike[str] | None, builder_name: str = "cifar10") -> bool:
     try:
         tfds = _import_tfds()
     except DataError:
         return False
-    return tfds.builder("cifar10", data_dir=_tfds_dir(data_dir)).is_prepared()
+    return tfds.builder(builder_name, data_dir=_tfds_dir(data_dir)).is_prepared()
 
 
 def _tfds_dir(data_dir: str | os.PathLike[str] | None) -> str | None:
@@ -425,12 +493,16 @@ def prepare_tfds(
         ) from err
 
 
-def _tfds_split(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_split(tfds: Any, builder: Any, split: str, label_key: str = "label",
+                num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-    return _official_order(arrays, f"tfds cifar10 {split} in {builder.data_dir}")
+    if label_key != "label":
+        arrays = {**arrays, "label": arrays[label_key]}
+    return _official_order(arrays, f"tfds {builder.name} {split} in {builder.data_dir}", num_classes)
 
 
-def _official_order(arrays: Mapping[str, np.ndarray], label: str) -> tuple[np.ndarray, np.ndarray]:
+def _official_order(arrays: Mapping[str, np.ndarray], label: str,
+                    num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Restores the binary files' record order from tfds ids ('train_00042').
 
     tfds writes records in a hashed order; the stock builder numbers them by
@@ -442,13 +514,162 @@ def _official_order(arrays: Mapping[str, np.ndarray], label: str) -> tuple[np.nd
     order = np.argsort(np.asarray(arrays["id"]), kind="stable")
     images = np.ascontiguousarray(np.asarray(arrays["image"], dtype=np.uint8)[order])
     labels = np.asarray(arrays["label"])[order]
-    _check_labels(labels, label)
+    _check_labels(labels, label, num_classes)
     return images, labels.astype(np.int32)
 
 
-def _check_labels(labels: np.ndarray, label: str) -> None:
-    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+def _check_labels(labels: np.ndarray, label: str, num_classes: int = NUM_CLASSES) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(
-            f"{label}: record {int(bad[0])} has label {labels[bad[0]]}, allowed 0..{NUM_CLASSES - 1}"
+            f"{label}: record {int(bad[0])} has label {labels[bad[0]]}, allowed 0..{num_classes - 1}"
         )
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+_GET_CIFAR100 = (
+    f"To get CIFAR-100: leave data_dir and ${CIFAR100_ENV_VAR} unset to download it into the cache "
+    f"({download.CACHE_ENV}, default ~/.cache/resnet_jax), or download {CIFAR100_URL} yourself and "
+    f"pass the archive, or the {CIFAR100_DIR}/ directory it unpacks to, as data_dir (or set ${CIFAR100_ENV_VAR})"
+)
+
+
+def load_cifar100(
+    source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    validation_size: int = 0,
+    *,
+    label_mode: str = "fine",
+) -> CifarData:
+    """Loads CIFAR-100 with its 100 fine labels, or its 20 coarse ones (`label_mode='coarse'`).
+
+    Sources as for `load_cifar10`: 'binary' reads `train.bin` + `test.bin` from
+    data_dir, $CIFAR100_DIR, or the download cache; 'tfds' a prepared tfds `cifar100`;
+    'auto' the first of these that is there, downloading as the last resort.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source: got {source!r}, allowed {', '.join(map(repr, SOURCES))}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode: got {label_mode!r}, allowed {', '.join(map(repr, LABEL_MODES))}")
+    _check_validation_size(validation_size, CIFAR100_COUNTS[CIFAR100_TRAIN])
+    given = data_dir if data_dir is not None else os.environ.get(CIFAR100_ENV_VAR)
+    origin = "data_dir" if data_dir is not None else f"${CIFAR100_ENV_VAR}"
+    if source == "tfds":
+        data = _load_tfds100(data_dir, label_mode)
+    elif given:
+        found = _find_binary100(Path(given))
+        if found is not None:
+            data = _load_binary100(found, label_mode)
+        elif source == "auto" and data_dir is not None and _tfds_prepared(data_dir, "cifar100"):
+            data = _load_tfds100(data_dir, label_mode)
+        else:
+            what = "no such file or directory" if not Path(given).exists() else (
+                f"holds neither {CIFAR100_TRAIN} + {CIFAR100_TEST}, a {CIFAR100_DIR}/ directory, nor "
+                f"{CIFAR100_ARCHIVE_NAME}")
+            raise DataError(f"{origin}={given}: {what}. {_GET_CIFAR100}.")
+    elif source == "auto" and download.cached(CIFAR100_ARCHIVE) is None and _tfds_prepared(None, "cifar100"):
+        data = _load_tfds100(None, label_mode)
+    else:
+        data = _load_binary100(download.ensure_extracted(CIFAR100_ARCHIVE), label_mode)
+    return hold_out_validation(data, validation_size)
+
+
+def _find_binary100(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    for candidate in (path, path / CIFAR100_DIR):
+        if (candidate / CIFAR100_TRAIN).exists() or (candidate / CIFAR100_TEST).exists():
+            return candidate
+    if (path / CIFAR100_ARCHIVE_NAME).is_file():
+        return path / CIFAR100_ARCHIVE_NAME
+    return None
+
+
+_CIFAR100_NAME_FILES = {"fine": "fine_label_names.txt", "coarse": "coarse_label_names.txt"}
+
+
+def _load_binary100(location: Path, label_mode: str) -> CifarData:
+    names_file = _CIFAR100_NAME_FILES[label_mode]
+    wanted = (CIFAR100_TRAIN, CIFAR100_TEST, names_file)
+    if location.is_file():
+        contents = _read_archive_members(location, CIFAR100_DIR, wanted, CIFAR100_ARCHIVE_NAME)
+        where = {name: f"{location}:{CIFAR100_DIR}/{name}" for name in wanted}
+    else:
+        contents = {name: (location / name).read_bytes() for name in wanted if (location / name).is_file()}
+        where = {name: str(location / name) for name in wanted}
+    for name in (CIFAR100_TRAIN, CIFAR100_TEST):
+        if name not in contents:
+            raise DataError(f"{where[name]}: missing (CIFAR-100 needs {CIFAR100_TRAIN}, {CIFAR100_TEST}). "
+                            f"{_GET_CIFAR100}.")
+    num_classes = CIFAR100_NUM_CLASSES[label_mode]
+    train_images, train_labels = _parse_records100(contents[CIFAR100_TRAIN], where[CIFAR100_TRAIN],
+                                                   CIFAR100_COUNTS[CIFAR100_TRAIN], label_mode)
+    test_images, test_labels = _parse_records100(contents[CIFAR100_TEST], where[CIFAR100_TEST],
+                                                 CIFAR100_COUNTS[CIFAR100_TEST], label_mode)
+    if names_file in contents:
+        class_names = tuple(line.strip() for line in contents[names_file].decode("utf-8").splitlines()
+                            if line.strip())
+        if len(class_names) != num_classes:
+            raise DataError(f"{where[names_file]}: {len(class_names)} class names, expected {num_classes} "
+                            "(one per line)")
+    else:  # the names are a convenience; the labels alone define the task
+        class_names = tuple(f"class_{i}" for i in range(num_classes))
+    return CifarData(
+        train_images=_stack_contiguous([train_images]), train_labels=train_labels,
+        test_images=_stack_contiguous([test_images]), test_labels=test_labels,
+        class_names=class_names, source=f"binary:{location} ({label_mode} labels)",
+    )
+
+
+def _read_archive_members(archive: Path, directory: str, names: tuple[str, ...],
+                          archive_name: str) -> dict[str, bytes]:
+    wanted = {f"{directory}/{name}": name for name in names}
+    contents: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, mode="r|gz") as tar:
+            for member in tar:
+                if member.isfile() and member.name in wanted:
+                    contents[wanted[member.name]] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{archive}: not a readable {archive_name} ({type(err).__name__}: {err}); "
+                        "the download may be truncated") from err
+    return contents
+
+
+def _parse_records100(raw: bytes, label: str, expected: int, label_mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-100 file: [coarse byte, fine byte, R plane, G plane, B plane] per record."""
+    if len(raw) % CIFAR100_RECORD_BYTES:
+        raise DataError(
+            f"{label}: {len(raw)} bytes is not a multiple of the {CIFAR100_RECORD_BYTES}-byte record "
+            f"(coarse + fine label bytes + 3072 pixel bytes): truncated or not CIFAR-100. {_GET_CIFAR100}.")
+    count = len(raw) // CIFAR100_RECORD_BYTES
+    if count != expected:
+        raise DataError(f"{label}: {count} records, expected {expected}. {_GET_CIFAR100}.")
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(count, CIFAR100_RECORD_BYTES)
+    for column, mode in ((0, "coarse"), (1, "fine")):
+        limit = CIFAR100_NUM_CLASSES[mode]
+        bad = np.flatnonzero(records[:, column] >= limit)
+        if bad.size:
+            first = int(bad[0])
+            raise DataError(f"{label}: record {first} (0-based) has {mode} label byte {records[first, column]}, "
+                            f"allowed 0..{limit - 1} ({bad.size} such records). {_GET_CIFAR100}.")
+    labels = records[:, 0 if label_mode == "coarse" else 1].astype(np.int32)
+    images = records[:, 2:].reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels
+
+
+def _load_tfds100(data_dir: str | os.PathLike[str] | None, label_mode: str) -> CifarData:
+    tfds = _import_tfds()
+    builder = tfds.builder("cifar100", data_dir=_tfds_dir(data_dir))
+    if not builder.is_prepared():
+        raise DataError(f"tfds cifar100 is not prepared in {builder.data_dir}. {_GET_CIFAR100}.")
+    key = "label" if label_mode == "fine" else "coarse_label"
+    num_classes = CIFAR100_NUM_CLASSES[label_mode]
+    train_images, train_labels = _tfds_split(tfds, builder, "train", key, num_classes)
+    test_images, test_labels = _tfds_split(tfds, builder, "test", key, num_classes)
+    return CifarData(train_images=train_images, train_labels=train_labels, test_images=test_images,
+                     test_labels=test_labels, class_names=tuple(builder.info.features[key].names),
+                     source=f"tfds:{builder.data_dir} ({label_mode} labels)")
