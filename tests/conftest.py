@@ -9,6 +9,19 @@ import pytest
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_internet_downloads(tmp_path_factory: pytest.TempPathFactory):
+    """Dataset downloads go to a closed loopback port and a temporary cache, in every test.
+
+    A test that forgets its data would otherwise fetch 170 MB from the internet into the
+    user's ~/.cache; this way it fails fast with the offline message. Subprocesses inherit it.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RESNET_JAX_DATA_URL", "http://127.0.0.1:9")  # discard port: refused
+        patch.setenv("RESNET_JAX_DATA", str(tmp_path_factory.mktemp("download_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     """The official CIFAR-10 binary batches (read-only: copy before modifying)."""

@@ -87,7 +87,8 @@ def test_linear_scaling_rule(base):
     ({"model.width_multiplier": 0.0}, "model.width_multiplier"),
     ({"model.width_multiplier": 65.0}, "model.width_multiplier"),
     ({"model.ghost_batch_size": 5}, "model.ghost_batch_size"),
-    ({"dataset.name": "cifar100"}, "dataset.name"),
+    ({"dataset.name": "mnist"}, "dataset.name"),
+    ({"dataset.label_mode": "coarse"}, "dataset.label_mode"),  # CIFAR-10 has fine labels only
     ({"dataset.pad": 17}, "dataset.pad"),
     ({"dataset.train_subset": 50_001}, "dataset.train_subset"),
     ({"dataset.train_subset": 16}, "batch_size"),
@@ -144,7 +145,8 @@ _ODD = {
     "model.bn_momentum": [0.0, 0.5, 1.0, -0.1, "0.9"],
     "model.ghost_batch_size": [0, -2, 2, 4, 3, 16, 2.5],
     "model.dtype": ["float32", "bfloat16", "float16", "fp32", 32, None],
-    "dataset.name": ["cifar10", "cifar100", ""],
+    "dataset.name": ["cifar10", "mnist", ""],  # cifar100 would be valid but needs other data
+    "dataset.label_mode": ["fine", "coarse", "medium"],
     "dataset.validation_size": [0, 5000, 49_999, 50_000, -1, 0.5],
     "dataset.train_subset": [64, 7, -1, 10**6, 64.0],
     "dataset.eval_subset": [64, 100, -1, 10**6],
