@@ -23,6 +23,8 @@ What it should reach (paper, Table 6, test error on the 10k test set after train
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_jax.train import config as config_lib
+
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
 
@@ -36,23 +38,14 @@ def get_config(arg: str = "resnet20") -> ml_collections.ConfigDict:
 
 def base() -> ml_collections.ConfigDict:
     """Every field the trainer reads, at the paper's values."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
+    c = config_lib.defaults()
     c.model.name = "cifar_resnet20"
-    # Overrides of the family defaults; None keeps the family's (paper) choice.
-    c.model.shortcut = config_dict.placeholder(str)  # 'A' | 'B' | 'C'
-    c.model.zero_init_last = False  # Goyal et al. 2017; the paper: False
-    c.model.width_multiplier = 1.0
-    c.model.bn_momentum = 0.9
-    c.model.ghost_batch_size = config_dict.placeholder(int)  # None: BN over the global batch
-    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar10"
     c.dataset.source = "auto"  # 'auto' | 'binary' | 'tfds'
-    c.dataset.data_dir = config_dict.placeholder(str)  # else $CIFAR10_DIR, else tfds
+    c.dataset.data_dir = config_dict.placeholder(str)  # else $CIFAR10_DIR, tfds, the download cache
+    c.dataset.label_mode = "fine"  # CIFAR-100 only: 'fine' (100 classes) | 'coarse' (20)
     c.dataset.validation_size = 0  # 5000: the paper's 45k/5k split; 0: train 50k, test 10k
     c.dataset.train_subset = 0  # >0: train on the first k images only (tests, smoke runs)
     c.dataset.eval_subset = 0  # >0: evaluate on the first k test images only
@@ -60,38 +53,10 @@ def base() -> ml_collections.ConfigDict:
     c.dataset.pad = 4
     c.dataset.flip = True
 
-    c.batch_size = 128  # global, over all devices and hosts
-    c.eval_batch_size = 500
-    c.reference_batch_size = 128  # the batch at which lr and step counts below are given
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 0.1
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = False
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.weight_decay_on = "all"  # 'all' (the paper) | 'kernels' | 'no_bn'
-
-    c.schedule = ml_collections.ConfigDict()
+    c.batch_size = 128
+    c.reference_batch_size = 128
     c.schedule.total_steps = 64_000
     c.schedule.boundaries = (32_000, 48_000)
-    c.schedule.decay_factor = 0.1
-    c.schedule.warmup_steps = 0
-    c.schedule.warmup_learning_rate = 0.01
-    c.schedule.warmup = "constant"  # the paper's ResNet-110 warm-up; or 'linear'
-
-    c.steps_per_dispatch = 100  # train steps fused into one compiled lax.scan
-    c.log_every_steps = 500
-    c.eval_every_steps = 4_000
-    c.checkpoint_every_steps = 4_000
-    c.keep_checkpoints = 3
-    c.allow_config_change = False  # resume a workdir whose config.json differs
-    c.tensorboard = True  # event files next to metrics.jsonl, where TensorFlow is installed
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = "auto"  # 'auto' | 'never' | 'always'
-    c.distributed.coordinator_address = config_dict.placeholder(str)
-    c.distributed.num_processes = config_dict.placeholder(int)
-    c.distributed.process_id = config_dict.placeholder(int)
     return c
 
 

@@ -129,7 +129,7 @@ def make_evaluate(eval_fn: Callable, mesh: Mesh):
             out = eval_fn(state, batch)
             return jax.tree.map(jnp.add, total, out), None
 
-        zero = {"loss_sum": jnp.float32(0), "wrong": jnp.float32(0), "count": jnp.float32(0)}
+        zero = {k: jnp.float32(0) for k in ("loss_sum", "wrong", "wrong5", "count")}
         total, _ = jax.lax.scan(body, zero, (indices, mask))
         return total
 

@@ -1,9 +1,13 @@
 """train_and_evaluate(config, workdir): the one way through a training run.
 
-validate the config (before anything is read or compiled) -> start jax.distributed if
-asked -> mesh -> workdir (config.json checked against an earlier run) -> data on the
-devices -> model and state -> restore the newest good checkpoint -> compiled chunks of
-K train steps -> evaluation, metrics, checkpoints -> results.json.
+Set-up: check the config (before anything is read or compiled) -> start jax.distributed if
+asked -> mesh -> what the data holds (sizes, classes) -> the config against it -> model,
+optimizer -> workdir (config.json checked against an earlier run) -> the data source ->
+state (He init, or `init_from`) -> restore the newest good checkpoint.
+The loop: chunks of K train steps from the source; log, evaluate and checkpoint at their
+cadences. The end: results.json.
+
+The data source (`sources.py`) is the only part that knows which dataset this is.
 
 Crash safety lives here where it needs the loop: SIGTERM (the preemption notice of spot
 VMs, TPU pods, Slurm and Kubernetes) is turned into "finish this chunk, save, stop with
@@ -14,6 +18,7 @@ first, so the last good checkpoint is on disk when the process exits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -30,11 +35,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax import models, parallel
-from resnet_jax.data import batching, cifar
 from resnet_jax.train import config as config_lib
-from resnet_jax.train import feeding, optim, steps
+from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
+from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
 from resnet_jax.train.workdir import atomic_write_json, prepare_workdir
 
@@ -89,16 +94,6 @@ class _PreemptionNotice:
         if jax.process_count() == 1:
             return self.received
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
-
-
-def build_optimizer(config: ml_collections.ConfigDict, derived: config_lib.Derived):
-    schedule = optim.step_schedule(
-        derived.learning_rate, derived.boundaries, config.schedule.decay_factor,
-        derived.warmup_steps, derived.warmup_learning_rate, config.schedule.warmup)
-    tx = optim.sgd(schedule, config.optimizer.momentum, config.optimizer.nesterov,
-                   config.optimizer.weight_decay,
-                   lambda params: optim.weight_decay_mask(params, config.optimizer.weight_decay_on))
-    return tx, schedule
 
 
 def _hardware() -> dict[str, Any]:
@@ -181,174 +176,214 @@ def _finish_saves_quietly(checkpointer: Checkpointer, error: BaseException) -> N
         log.error("while stopping, finishing the last checkpoint failed too: %s", e)
 
 
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """The config's model with a head for the dataset's classes."""
+    overrides = config_lib.model_overrides(config.model)
+    if overrides.setdefault("num_classes", num_classes) != num_classes:
+        raise config_lib.ConfigError(
+            f"config field model.num_classes = {overrides['num_classes']} but the dataset has {num_classes} "
+            "classes; leave it None to follow the dataset")
+    return models.build_model(config.model.name, **overrides)
+
+
+class _Run:
+    """One training run's set-up and the per-chunk work; `train_and_evaluate` drives it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.check_fields(config)  # every field, before jax.distributed or any device work
+        parallel.initialize(config.distributed)
+        self.mesh = parallel.make_mesh()
+        self.info = sources.describe(config)
+        self.derived = config_lib.validate(config, num_devices=self.mesh.devices.size,
+                                           sizes=(self.info.num_train, self.info.num_eval))
+        self.config = config
+        self.main = parallel.is_main_process()
+        self.wall_start = time.time()
+
+        model = build_model(config, self.info.num_classes)
+        tx, self.schedule = build_optimizer(config, self.derived)
+        init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+        init_state = lambda: create_train_state(model, tx, init_key, self.info.image_shape, self.mesh)  # noqa: E731
+        shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
+        self.workdir = prepare_workdir(
+            workdir, config.to_dict(), allow_config_change=config.allow_config_change,
+            ignore_keys=set(config_lib.RESUMABLE_CHANGES), override_hint="--config.allow_config_change=True",
+            min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints))
+
+        train_step = functools.partial(steps.train_step, label_smoothing=config.label_smoothing)
+        self.source = sources.build(config, self.mesh, self.info, train_step, steps.eval_step)
+        self.state = init_state()
+        self.num_params = models.count_params(self.state.params)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+        restored = self.checkpointer.restore_latest(abstract_items(self.state))
+        self.start_step = self.step = 0
+        if restored is not None:
+            items, self.start_step, _ = restored
+            self.step = self.start_step
+            self.state = self.state.replace_items(items)
+        elif config.init_from:
+            self.state = _init_from(self.state, config.init_from)
+        self.last_good = self.start_step if restored is not None else None
+        self.writer = MetricsWriter(self.workdir, enabled=self.main, tensorboard=config.tensorboard)
+        self.writer.truncate_after(self.start_step)
+        # Evaluations of the run so far (before a resume), so that best_error covers them too.
+        self.evals: list[tuple[int, float]] = [
+            (r["step"], r["error"]) for r in (read_metrics(self.writer.path) if self.main and self.writer.path.exists()
+                                              else []) if r["split"] == self.info.eval_split]
+        self.sums = {"loss": 0.0, "error": 0.0, "n": 0}
+        self.train_time = 0.0
+        self.progress: Progress | None = None
+
+    @property
+    def total(self) -> int:
+        return self.derived.total_steps
+
+    def start(self) -> None:
+        c, d = self.config, self.derived
+        if self.main:
+            log.info("%s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; "
+                     "%d devices, %d processes; %s", c.model.name, f"{self.num_params:,}", d.total_steps,
+                     c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate, self.mesh.devices.size,
+                     jax.process_count(),
+                     f"resuming at step {self.start_step}" if self.start_step else "starting from scratch")
+        self.compile_s = (self.source.compile(self.state, self.step, self._chunk_size())
+                          if self.step < self.total else 0.0)
+        self.progress = Progress(total=self.total, initial=self.start_step, enabled=self.main)
+
+    def _chunk_size(self) -> int:
+        return min(self.config.steps_per_dispatch, self.total - self.step)
+
+    def train_chunk(self) -> dict[str, np.ndarray]:
+        """The next K steps; stops the run before a diverged state can be saved."""
+        n = self._chunk_size()
+        t0 = time.perf_counter()
+        self.state, metrics = self.source.train(self.state, self.step, n)
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - t0
+        self.train_time += elapsed
+        bad = _first_nonfinite(metrics)
+        if bad is not None:
+            raise NonFiniteLossError(_nonfinite_message(metrics, bad, self.step + bad + 1, self.last_good,
+                                                        self.checkpointer.directory))
+        self.step += n
+        metrics["images_per_sec"] = n * self.config.batch_size / elapsed
+        return metrics
+
+    def log_train(self, metrics: dict[str, np.ndarray]) -> None:
+        n = len(metrics["loss"])
+        self.sums["loss"] += float(np.sum(metrics["loss"]))
+        self.sums["error"] += float(np.sum(metrics["error"]))
+        self.sums["n"] += n
+        self.progress.update(self.step, {"loss": float(np.mean(metrics["loss"])),
+                                         "err": float(np.mean(metrics["error"]))}, metrics["images_per_sec"])
+        if self.step % self.config.log_every_steps and self.step != self.total:
+            return
+        self.writer.write(self.step, "train", {
+            "loss": self.sums["loss"] / self.sums["n"], "error": self.sums["error"] / self.sums["n"],
+            "learning_rate": float(self.schedule(self.step - 1)),
+            "grad_norm": float(metrics["grad_norm"][-1]), "param_norm": float(metrics["param_norm"][-1]),
+            "images_per_sec": metrics["images_per_sec"]})
+        self.sums = {"loss": 0.0, "error": 0.0, "n": 0}
+
+    def evaluate(self, write: bool = True) -> dict[str, float]:
+        record = steps.summarize_eval(self.source.evaluate(self.state))
+        if write:
+            self.writer.write(self.step, self.info.eval_split, record)
+        return record
+
+    def maybe_evaluate(self) -> None:
+        if self.step % self.config.eval_every_steps and self.step != self.total:
+            return
+        record = self.evaluate()
+        self.evals.append((self.step, record["error"]))
+        self.progress.log(f"step {self.step}: {self.info.eval_split} error {100 * record['error']:.2f}% "
+                          f"(top-5 {100 * record['error_top5']:.2f}%) loss {record['loss']:.4f} "
+                          f"over {record['count']} images")
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        if self.step % self.config.checkpoint_every_steps and self.step != self.total and not force:
+            return
+        items = self.state.checkpoint_items()
+        # Finite loss and norms can still hide overflowed BatchNorm statistics.
+        if not bool(_all_finite(items)):
+            raise NonFiniteLossError(
+                f"training diverged at step {self.step} (loss and norms finite, but the state holds NaN "
+                "or infinite values: overflowed BatchNorm statistics?); "
+                + _nonfinite_where(self.last_good, self.checkpointer.directory))
+        self.checkpointer.save(self.step, items, {"config_name": self.config.model.name})
+        self.last_good = self.step
+
+    def abort(self, error: BaseException) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.writer.close()
+        _finish_saves_quietly(self.checkpointer, error)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.checkpointer.close()
+
+    def results(self) -> dict[str, Any]:
+        if not self.evals or self.evals[-1][0] != self.step:
+            # Resumed a finished run whose metrics.jsonl is gone (or not on this process):
+            # evaluate again, without writing a second record for this step.
+            self.evals.append((self.step, self.evaluate(write=False)["error"]))
+        best_step, best_error = min(self.evals, key=lambda e: e[1])
+        steps_run = self.step - self.start_step
+        return {
+            "model": self.config.model.name,
+            "dataset": self.config.dataset.name,
+            "params": self.num_params,
+            "eval_split": self.info.eval_split,
+            "final_error": self.evals[-1][1],
+            "best_error": best_error,
+            "best_step": best_step,
+            "steps": self.step,
+            "steps_this_run": steps_run,
+            "resumed_from": self.start_step,
+            "wall_clock_s": time.time() - self.wall_start,
+            "compile_s": self.compile_s,
+            "train_images_per_sec": steps_run * self.config.batch_size / self.train_time if self.train_time else None,
+            "hardware": _hardware(),
+        }
+
+
+def _init_from(state: TrainState, path: str) -> TrainState:
+    raise config_lib.ConfigError(f"config field init_from = {path!r}: not wired yet")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates as `config` says, in `workdir`; returns what results.json holds.
 
     Raises ConfigError, WorkdirError, DataError, CheckpointError for what a user can fix;
     NonFiniteLossError when training diverges; PreemptedError after SIGTERM and a save.
     """
-    config_lib.validate(config)  # every field, before jax.distributed or any device work
-    parallel.initialize(config.distributed)
-    mesh = parallel.make_mesh()
-    derived = config_lib.validate(config, num_devices=mesh.devices.size)
-    main = parallel.is_main_process()
-    wall_start = time.time()
-
-    model = models.build_model(config.model.name, **config_lib.model_overrides(config.model))
-    tx, schedule = build_optimizer(config, derived)
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    def init_state() -> TrainState:
-        return create_train_state(model, tx, init_key, cifar.IMAGE_SHAPE, mesh)
-
-    shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
-
-    workdir_path = prepare_workdir(
-        workdir, config.to_dict(), allow_config_change=config.allow_config_change,
-        ignore_keys=set(config_lib.RESUMABLE_CHANGES),
-        override_hint="--config.allow_config_change=True",
-        min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints))
-
-    data = cifar.load_cifar10(config.dataset.source, config.dataset.data_dir,
-                              validation_size=config.dataset.validation_size)
-    device_data = feeding.put_on_devices(data, mesh, config.dataset.normalization,
-                                         config.dataset.train_subset, config.dataset.eval_subset)
-    eval_split = "validation" if config.dataset.validation_size else "test"
-
-    state = init_state()
-    num_params = models.count_params(state.params)
-
-    checkpointer = Checkpointer(workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(abstract_items(state))
-    start_step = 0
-    if restored is not None:
-        items, start_step, _ = restored
-        state = state.replace_items(items)
-    writer = MetricsWriter(workdir_path, enabled=main, tensorboard=config.tensorboard)
-    writer.truncate_after(start_step)
-
-    total = derived.total_steps
-    batch = config.batch_size
-    k = config.steps_per_dispatch
-    if main:
-        log.info("%s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g at batch %d; "
-                 "%d devices, %d processes; %s", config.model.name, f"{num_params:,}", total, batch,
-                 derived.steps_per_epoch, derived.num_train, derived.learning_rate, batch,
-                 mesh.devices.size, jax.process_count(),
-                 f"resuming at step {start_step}" if start_step else "starting from scratch")
-
-    train_chunk = feeding.TrainChunk(steps.train_step, mesh, seed=config.seed,
-                                     pad=config.dataset.pad, flip=config.dataset.flip)
-    evaluate = feeding.make_evaluate(steps.eval_step, mesh)
-    eval_idx, eval_mask = feeding.eval_arrays(device_data.test.size, config.eval_batch_size, mesh)
-    idx_sharding = parallel.batch_sharded(mesh, axis=1)
-
-    def indices(step: int, n: int) -> jax.Array:
-        host = batching.train_indices(config.seed, step, n, batch, device_data.train.size)
-        return parallel.host_to_global(host, idx_sharding)
-
-    def run_eval(step: int, write: bool = True) -> dict[str, float]:
-        out = jax.device_get(evaluate(state, device_data, eval_idx, eval_mask))
-        count = float(out["count"])
-        record = {"loss": float(out["loss_sum"]) / count, "error": float(out["wrong"]) / count,
-                  "count": int(count)}
-        if write:
-            writer.write(step, eval_split, record)
-        return record
-
-    compile_s = train_chunk.compile(state, device_data, indices(start_step, k)) if start_step < total else 0.0
-
-    progress = Progress(total=total, initial=start_step, enabled=main)
-    # Evaluations of the run so far (before a resume), so that best_error covers them too.
-    evals: list[tuple[int, float]] = [
-        (r["step"], r["error"]) for r in (read_metrics(writer.path) if main and writer.path.exists() else [])
-        if r["split"] == eval_split]
-    sums = {"loss": 0.0, "error": 0.0, "n": 0}
-    train_time = 0.0
-    step = start_step
-    last_good = start_step if restored is not None else None
+    run = _Run(config, workdir)
     preempted = False
     try:
+        run.start()
         with _PreemptionNotice() as notice:
-            while step < total and not preempted:
-                n = min(k, total - step)
-                t0 = time.perf_counter()
-                state, metrics = train_chunk(state, device_data, indices(step, n))
-                metrics = jax.device_get(metrics)
-                elapsed = time.perf_counter() - t0
-                train_time += elapsed
-                bad = _first_nonfinite(metrics)
-                if bad is not None:
-                    raise NonFiniteLossError(_nonfinite_message(metrics, bad, step + bad + 1, last_good,
-                                                                checkpointer.directory))
-                step += n
-                sums["loss"] += float(np.sum(metrics["loss"]))
-                sums["error"] += float(np.sum(metrics["error"]))
-                sums["n"] += n
-                progress.update(step, {"loss": float(np.mean(metrics["loss"])),
-                                       "err": float(np.mean(metrics["error"]))}, n * batch / elapsed)
-                if step % config.log_every_steps == 0 or step == total:
-                    writer.write(step, "train", {
-                        "loss": sums["loss"] / sums["n"], "error": sums["error"] / sums["n"],
-                        "learning_rate": float(schedule(step - 1)),
-                        "grad_norm": float(metrics["grad_norm"][-1]),
-                        "param_norm": float(metrics["param_norm"][-1]),
-                        "images_per_sec": n * batch / elapsed})
-                    sums = {"loss": 0.0, "error": 0.0, "n": 0}
-                if step % config.eval_every_steps == 0 or step == total:
-                    record = run_eval(step)
-                    evals.append((step, record["error"]))
-                    progress.log(f"step {step}: {eval_split} error {100 * record['error']:.2f}% "
-                                 f"loss {record['loss']:.4f} over {record['count']} images")
-                preempted = notice.agreed() and step < total  # done anyway: finish normally
-                if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-                    items = state.checkpoint_items()
-                    # Finite loss and norms can still hide overflowed BatchNorm statistics.
-                    if not bool(_all_finite(items)):
-                        raise NonFiniteLossError(
-                            f"training diverged at step {step} (loss and norms finite, but the state holds NaN "
-                            "or infinite values: overflowed BatchNorm statistics?); "
-                            + _nonfinite_where(last_good, checkpointer.directory))
-                    checkpointer.save(step, items, {"config_name": config.model.name})
-                    last_good = step
-        checkpointer.wait()
+            while run.step < run.total and not preempted:
+                metrics = run.train_chunk()
+                run.log_train(metrics)
+                run.maybe_evaluate()
+                preempted = notice.agreed() and run.step < run.total  # done anyway: finish normally
+                run.maybe_checkpoint(force=preempted)
+        run.checkpointer.wait()
     except BaseException as error:
-        progress.close()
-        writer.close()
-        _finish_saves_quietly(checkpointer, error)
+        run.abort(error)
         raise
-    progress.close()
     if preempted:
-        writer.close()
-        checkpointer.close()
+        run.close()
         raise PreemptedError(
-            f"preempted (SIGTERM) at step {step} of {total}; checkpoint step {step} is saved in "
-            f"{checkpointer.directory}: rerun the same command to resume from it")
-
-    if not evals or evals[-1][0] != step:
-        # Resumed a finished run whose metrics.jsonl is gone (or not on this process):
-        # evaluate again, without writing a second record for this step.
-        evals.append((step, run_eval(step, write=False)["error"]))
-    best_step, best_error = min(evals, key=lambda e: e[1])
-    steps_run = step - start_step
-    results = {
-        "model": config.model.name,
-        "params": num_params,
-        "eval_split": eval_split,
-        "final_error": evals[-1][1],
-        "best_error": best_error,
-        "best_step": best_step,
-        "steps": step,
-        "steps_this_run": steps_run,
-        "resumed_from": start_step,
-        "wall_clock_s": time.time() - wall_start,
-        "compile_s": compile_s,
-        "train_images_per_sec": steps_run * batch / train_time if train_time else None,
-        "hardware": _hardware(),
-    }
-    if main:
-        atomic_write_json(workdir_path / "results.json", results)
-        log.info("done: %s error %.2f%% (best %.2f%% at step %d), %.0f s", eval_split,
-                 100 * results["final_error"], 100 * best_error, best_step, results["wall_clock_s"])
-    writer.close()
-    checkpointer.close()
+            f"preempted (SIGTERM) at step {run.step} of {run.total}; checkpoint step {run.step} is saved in "
+            f"{run.checkpointer.directory}: rerun the same command to resume from it")
+    results = run.results()
+    if run.main:
+        atomic_write_json(run.workdir / "results.json", results)
+        log.info("done: %s error %.2f%% (best %.2f%% at step %d), %.0f s; results in %s", results["eval_split"],
+                 100 * results["final_error"], 100 * results["best_error"], results["best_step"],
+                 results["wall_clock_s"], run.workdir / "results.json")
+    run.close()
     return results

@@ -2,7 +2,8 @@
 
 SGD with momentum and weight decay added to the gradient (L2 regularisation, as in the
 paper's Caffe solver and torch.optim.SGD), a step schedule dividing the rate by 10 at
-given iterations, and the optional warm-up of ResNet-110.
+given iterations, and the optional warm-up of ResNet-110; a cosine schedule for the
+"v1.5" ImageNet recipe.
 """
 
 from __future__ import annotations
@@ -50,6 +51,36 @@ def step_schedule(
     return schedule
 
 
+def cosine_schedule(
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_learning_rate: float = 0.0,
+    warmup: str = "linear",
+) -> optax.Schedule:
+    """lr(step) = learning_rate * (1 + cos(pi * t)) / 2, t going from 0 after the warm-up
+    to 1 at `total_steps` (Loshchilov & Hutter 2017, without restarts; the "v1.5" recipe).
+    The warm-up is as in `step_schedule`."""
+    if warmup not in ("constant", "linear"):
+        raise ValueError(f"warmup = {warmup!r}: must be 'constant' or 'linear'")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps = {warmup_steps}: must be in [0, total_steps = {total_steps})")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        t = jnp.clip((step - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        lr = learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        if warmup_steps:
+            if warmup == "constant":
+                warm = jnp.float32(warmup_learning_rate)
+            else:
+                warm = warmup_learning_rate + (learning_rate - warmup_learning_rate) * step / warmup_steps
+            lr = jnp.where(step < warmup_steps, warm, lr)
+        return lr
+
+    return schedule
+
+
 def weight_decay_mask(params: Any, target: str) -> Any:
     """Which parameters weight decay covers.
 
@@ -88,3 +119,18 @@ def sgd(
         parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
     parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
     return optax.chain(*parts)
+
+
+def build_optimizer(config: Any, derived: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and schedule a training config asks for, at its derived (scaled) values."""
+    sched = config.schedule
+    if sched.kind == "cosine":
+        schedule = cosine_schedule(derived.learning_rate, derived.total_steps, derived.warmup_steps,
+                                   derived.warmup_learning_rate, sched.warmup)
+    else:
+        schedule = step_schedule(derived.learning_rate, derived.boundaries, sched.decay_factor,
+                                 derived.warmup_steps, derived.warmup_learning_rate, sched.warmup)
+    opt = config.optimizer
+    tx = sgd(schedule, opt.momentum, opt.nesterov, opt.weight_decay,
+             lambda params: weight_decay_mask(params, opt.weight_decay_on))
+    return tx, schedule
