@@ -4,6 +4,9 @@ r"""Command line: train and evaluate as a config says.
       [--config.batch_size=1024 --config.model.dtype=bfloat16 ...]
 
 Rerunning the same command resumes from the newest good checkpoint in the workdir.
+The console shows what runs where, the progress bar, evaluations and a summary;
+`--verbosity=0` (absl's INFO, with its prefixes and every library's INFO lines, JAX's
+backend probing included) or `--verbosity=1` (DEBUG) bring the details back.
 Exit status: 0 done; 2 a mistake in the config, the data or the workdir (one line,
 before anything is compiled), or a full/unwritable disk; 3 the loss diverged (the last
 good checkpoint is kept); 143 (128 + SIGTERM) preempted after saving a checkpoint:
@@ -16,6 +19,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from resnet_jax.data import DataError
@@ -36,12 +40,37 @@ USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, Distribute
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 128 + 15
 
 
+class _PlainFormatter(logging.Formatter):
+    """The project's INFO lines as they are; anything louder says its level, without absl's prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(detailed: bool) -> None:
+    """Quiet by default: resnet_jax's INFO lines and everyone's warnings, no prefixes.
+
+    `detailed` (the user gave --verbosity/-v): absl's format, every logger at absl's level.
+    """
+    root = logging.getLogger()
+    if detailed:
+        root.setLevel(absl_logging.get_absl_logger().getEffectiveLevel())
+        # orbax logs every save step by step at INFO through absl: its warnings only, still.
+        logging.getLogger("absl").setLevel(max(logging.WARNING, root.level))
+        return
+    # JAX's backend probing ("Unable to initialize backend 'tpu'") and other libraries'
+    # INFO lines stay out of the default console.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("resnet_jax").setLevel(logging.INFO)
+    absl_logging.get_absl_handler().setFormatter(_PlainFormatter("%(message)s"))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    # orbax and absl log every save step by step at INFO: keep their warnings only.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    configure_logging(detailed=flags.FLAGS["verbosity"].present)
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as e:

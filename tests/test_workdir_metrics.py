@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -273,3 +274,37 @@ def test_progress_disabled_prints_nothing():
     progress.log("x")
     progress.close()
     assert stream.getvalue() == ""
+
+
+def _event_steps(tf, directory):
+    """(step, tag, value) of every scalar in a split's event files, in file order."""
+    out = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            out += [(event.step, v.tag, float(tf.make_ndarray(v.tensor))) for v in event.summary.value]
+    return out
+
+
+def test_resume_trims_tensorboard_like_metrics_jsonl(tmp_path):
+    import tensorflow as tf  # installed in CI: this test must run there
+
+    writer = MetricsWriter(tmp_path)
+    for step in (5, 10, 15, 20):
+        writer.write(step, "train", {"loss": float(step)})
+    writer.write(10, "test", {"error": 0.5})
+    writer.write(20, "test", {"error": 0.25})
+    writer.close()
+    (train_file,) = (tmp_path / "tensorboard" / "train").iterdir()
+    with open(train_file, "ab") as f:  # a record torn by the kill
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00partial")
+    resumed = MetricsWriter(tmp_path)
+    assert resumed.truncate_after(10) == 3  # metrics.jsonl: train 15, 20 and test 20
+    assert _event_steps(tf, tmp_path / "tensorboard" / "train") == [(5, "loss", 5.0), (10, "loss", 10.0)]
+    assert _event_steps(tf, tmp_path / "tensorboard" / "test") == [(10, "error", 0.5)]
+    time.sleep(1.1)  # event file names carry the second they were made: a new one sorts after
+    for step in (15, 20):
+        resumed.write(step, "train", {"loss": step + 0.5})
+    resumed.close()
+    steps = _event_steps(tf, tmp_path / "tensorboard" / "train")
+    assert steps == [(5, "loss", 5.0), (10, "loss", 10.0), (15, "loss", 15.5), (20, "loss", 20.5)]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"] == [5, 10, 15, 20]

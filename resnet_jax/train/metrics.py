@@ -11,7 +11,11 @@ them back into floats.
 
 TensorBoard files (`<workdir>/tensorboard/<split>/`) are written when TensorFlow can be
 imported, through `tf.summary.write` with the scalars plugin tag, which needs neither
-the `tensorboard` package nor any TensorFlow at import time of this module.
+the `tensorboard` package nor any TensorFlow at import time of this module. On resume
+the event files are cut back to the checkpoint's step as well (each file rewritten
+without the later events, then renamed over the old one), so TensorBoard, like
+metrics.jsonl, holds every step once; TensorBoard's own purge-on-restart covers only
+some of its loaders and none of the other readers of event files.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import math
 import os
+import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -132,6 +137,58 @@ class _TensorBoard:
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
+        self._writers.clear()
+
+    def truncate_after(self, step: int) -> int:
+        """Drops summaries of steps after `step` from every event file; returns how many."""
+        self.close()
+        if not self._logdir.is_dir():
+            return 0
+        dropped = 0
+        for path in sorted(self._logdir.glob("*/events.out.tfevents.*")):
+            dropped += _truncate_event_file(self._tf, path, step)
+        return dropped
+
+
+def _truncate_event_file(tf: Any, path: Path, step: int) -> int:
+    """Rewrites one event file without the summaries of steps > `step` (and a torn last record).
+
+    Event files are TFRecord files: per record an 8-byte little-endian length, a 4-byte
+    CRC of it, the serialized Event, a 4-byte CRC of that. Records are copied byte for
+    byte (CRCs included), so only the framing needs reading here; going through
+    tf.data instead would print a C++ DATA_LOSS warning for a torn last record.
+    """
+    del tf  # the Event proto ships with TensorFlow; importing it below needs TensorFlow present
+    from google.protobuf.message import DecodeError  # pylint: disable=import-outside-toplevel
+    from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
+
+    data = path.read_bytes()
+    kept: list[bytes] = []
+    dropped = 0
+    offset = 0
+    while offset < len(data):
+        if offset + 12 > len(data):
+            dropped += 1  # a header the killed run did not finish
+            break
+        (length,) = struct.unpack_from("<Q", data, offset)
+        end = offset + 12 + length + 4
+        if end > len(data):
+            dropped += 1  # a record the killed run did not finish
+            break
+        try:
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+        except DecodeError:
+            dropped += 1
+            break
+        if event.HasField("summary") and event.step > step:
+            dropped += 1
+        else:  # file_version and session records carry no training step: keep them
+            kept.append(data[offset:end])
+        offset = end
+    if dropped:
+        atomic_write_bytes(path, b"".join(kept))
+        log.info("%s: dropped %d summaries after step %d (resumed run)", path, dropped, step)
+    return dropped
 
 
 class MetricsWriter:
@@ -195,9 +252,14 @@ class MetricsWriter:
         """Keeps only complete records with `step <= step`; returns how many were dropped.
 
         Called on resume from a checkpoint at `step`: the killed run's later records
-        will be logged again by this run. The file is replaced atomically.
+        will be logged again by this run. The file is replaced atomically; TensorBoard's
+        event files are cut back the same way (their count is not in the return value).
         """
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return 0
+        if self._tb is not None:
+            self._tb.truncate_after(step)
+        if not self.path.exists():
             return 0
         self._close_fd()  # the rewrite makes a new inode; the old descriptor would append to nothing
         data = self.path.read_bytes()
@@ -218,6 +280,25 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def describe_devices(devices: Any = None) -> str:
+    """What runs where, in words: '1 CPU device (2 cores)', '8 NVIDIA H200 GPUs over 2 processes'."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    devices = list(jax.devices() if devices is None else devices)
+    kinds: dict[str, int] = {}
+    for device in devices:
+        name = "CPU" if device.platform == "cpu" else f"{device.device_kind} {device.platform.upper()}"
+        kinds[name] = kinds.get(name, 0) + 1
+    parts = [f"{count} {name} device{'s' if count > 1 else ''}" if name == "CPU"
+             else f"{count} {name}{'s' if count > 1 else ''}" for name, count in kinds.items()]
+    text = ", ".join(parts)
+    if all(device.platform == "cpu" for device in devices):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        text += f" ({cores} core{'s' if cores != 1 else ''})"
+    processes = len({device.process_index for device in devices})
+    return text + (f" over {processes} processes" if processes > 1 else "")
 
 
 def _format_value(value: Any) -> str:
