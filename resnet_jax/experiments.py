@@ -1,0 +1,271 @@
+r"""Command line for the papers' analyses; each writes a PNG, the JSON it was drawn from,
+and (where the paper has a table) a markdown table, into ``--out``.
+
+  python -m resnet_jax.experiments degradation --workdir runs/degradation --out docs/figures
+  python -m resnet_jax.experiments layer-responses --workdirs runs/degradation --out docs/figures
+  python -m resnet_jax.experiments gradient-flow --depths 20 32 44 56 110 --out docs/figures
+  python -m resnet_jax.experiments table1 --out docs/figures
+
+``degradation`` trains the paper's CIFAR recipe (configs/cifar10.py) for plain and residual
+nets of every depth given, one workdir per net; rerunning continues a killed sweep (finished
+nets are skipped, a half-trained one resumes). ``--steps N`` compresses the recipe to N steps
+for small machines. ``python -m resnet_jax.experiments COMMAND --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+_REPO_CONFIG = Path(__file__).resolve().parents[1] / 'configs' / 'cifar10.py'
+
+
+def load_config_file(path: str | Path, arg: str):
+    """``get_config(arg)`` of a config file, as ``--config path:arg`` of resnet_jax.main reads it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py '
+                                'in the repository)')
+    spec = importlib.util.spec_from_file_location(f'_experiment_config_{path.stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _set_field(config: Any, dotted: str, text: str) -> None:
+    from resnet_jax.summary import parse_value
+    node = config
+    *parents, leaf = dotted.split('.')
+    for p in parents:
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f'--set {dotted}: no such config field')
+    node[leaf] = parse_value(text)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from resnet_jax.train.workdir import atomic_write_json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj)
+
+
+def _degradation(args: argparse.Namespace) -> int:
+    from resnet_jax.analysis import degradation as deg
+    from resnet_jax.analysis import plots
+
+    names = deg.net_names(args.depths, args.families)
+    shortening = deg.Shortening(args.steps, args.batch, args.eval_every, args.log_every) if args.steps else None
+
+    def make_config(name: str):
+        config = load_config_file(args.config, name)
+        if shortening is not None:
+            shortening.apply(config)
+        else:
+            if args.batch != 128:
+                config = load_config_file(args.config, f'{name},batch={args.batch}')
+            deg.full_schedule_cadence(config)
+            if args.eval_every or args.log_every:
+                deg.set_cadence(config, args.log_every or config.log_every_steps,
+                                args.eval_every or config.eval_every_steps,
+                                args.eval_every or config.checkpoint_every_steps)
+        config.seed = args.seed
+        config.tensorboard = False
+        config.dataset.train_subset = args.train_subset
+        config.dataset.eval_subset = args.eval_subset
+        if args.data_dir:
+            config.dataset.data_dir = args.data_dir
+            config.dataset.source = 'binary'
+        for item in args.set:
+            field, _, value = item.partition('=')
+            _set_field(config, field, value)
+        return config
+
+    if not args.plot_only:
+        trained = deg.run_sweep(names, args.workdir, make_config)
+        logging.info('trained %s', trained or 'nothing (every net was done)')
+    data = deg.collect(names, args.workdir)
+    data['command'] = ' '.join(['python -m resnet_jax.experiments'] + sys.argv[1:]) if args.record_command else None
+    out = Path(args.out)
+    _write_json(out / 'degradation.json', data)
+    (out / 'degradation.md').write_text(deg.markdown_table(data))
+    title = (f'CIFAR-10, {args.steps} steps of batch {args.batch}' if args.steps else 'CIFAR-10, paper schedule')
+    if args.train_subset:
+        title += f', {args.train_subset} training images'
+    plots.degradation(data, out / 'degradation.png', families=args.families, title=title)
+    if 'plain20' in data['runs'] and 'plain56' in data['runs']:
+        plots.degradation_fig1(data, out / 'degradation_fig1.png', title=title)
+    print(deg.markdown_table(data))
+    return 0
+
+
+def _trained_nets(workdirs: Sequence[str]) -> list[Path]:
+    """Training workdirs given directly, or found one level below a sweep's root."""
+    found = []
+    for w in workdirs:
+        w = Path(w)
+        if (w / 'config.json').is_file():
+            found.append(w)
+        else:
+            found.extend(sorted(p.parent for p in w.glob('*/config.json')))
+    if not found:
+        raise FileNotFoundError(f'no training workdir (a folder with config.json) in {list(workdirs)}')
+    return found
+
+
+def _net_label(config: dict) -> tuple[str, str, int]:
+    """('ResNet-20', 'resnet', 20) from a workdir's config."""
+    import re
+    name = config['model']['name']
+    m = re.fullmatch(r'cifar_(plain|resnet)(\d+)', name)
+    if not m:
+        return name, 'other', 0
+    family, depth = m.group(1), int(m.group(2))
+    zero = config['model'].get('zero_init_last')
+    return f"{'plain' if family == 'plain' else 'ResNet'}-{depth}" + (' zero-init' if zero else ''), family, depth
+
+
+def _layer_responses(args: argparse.Namespace) -> int:
+    from resnet_jax import models
+    from resnet_jax.analysis import plots, probes, responses
+
+    images, _ = probes.cifar_batch(args.data_dir, 'test', args.images)
+    nets = {}
+    sources = []
+    for w in _trained_nets(args.workdirs) if args.workdirs else []:
+        config, model, variables, step = probes.load_workdir(w)
+        label, family, depth = _net_label(config)
+        sources.append((f'{label} (step {step})', family, depth, model, variables, step, str(w)))
+    for name in args.init:
+        model = models.build_model(name)
+        label = name.replace('cifar_', '')
+        sources.append((f'{label} (init)', 'plain' if 'plain' in name else 'resnet', 0, model,
+                        probes.init_variables(model, args.seed), 0, None))
+    for label, family, depth, model, variables, step, workdir in sources:
+        layers = responses.layer_responses(model, variables, images, batch_size=args.batch)
+        nets[label] = {'family': family, 'depth': depth, 'step': step, 'workdir': workdir, 'layers': layers}
+        logging.info('%s: %d layers, mean std %.3f', label, len(layers),
+                     responses.summary_row(layers)['mean_std'])
+    data = {'nets': nets, 'images': args.images, 'split': 'test', 'mode': 'eval (BN running statistics)'}
+    out = Path(args.out)
+    _write_json(out / 'layer_responses.json', data)
+    (out / 'layer_responses.md').write_text(responses.markdown_table(data))
+    plots.layer_responses(data, out / 'layer_responses.png',
+                          title=f'std of 3x3 layer responses on {args.images} CIFAR-10 test images')
+    print(responses.markdown_table(data))
+    return 0
+
+
+def _gradient_flow(args: argparse.Namespace) -> int:
+    from resnet_jax.analysis import gradient_flow as gf
+    from resnet_jax.analysis import plots, probes
+
+    images, labels = probes.cifar_batch(args.data_dir, 'train', args.images)
+    data = gf.sweep_at_init(args.depths, args.variants, images, labels, seed=args.seed)
+    for w in _trained_nets(args.workdirs) if args.workdirs else []:
+        config, model, variables, step = probes.load_workdir(w)
+        label, family, depth = _net_label(config)
+        result = gf.gradient_norms(model, variables, images, labels)
+        variant = 'plain' if family == 'plain' else (
+            'resnet_zero_init' if config['model'].get('zero_init_last') else 'resnet')
+        data['nets'][f'{label} (step {step})'] = {'model': config['model']['name'], 'depth': depth,
+                                                  'variant': variant, 'checkpoint': str(w), **result}
+    out = Path(args.out)
+    _write_json(out / 'gradient_flow.json', data)
+    (out / 'gradient_flow.md').write_text(gf.markdown_table(data))
+    plots.gradient_flow(data, out / 'gradient_flow.png',
+                        title=f'dL/dx at block inputs, batch of {args.images} CIFAR-10 training images, '
+                              f'BN in training mode')
+    print(gf.markdown_table(data))
+    return 0
+
+
+def _table1(args: argparse.Namespace) -> int:
+    from resnet_jax.analysis import table1
+
+    data = table1.table1(args.nets)
+    out = Path(args.out)
+    _write_json(out / 'table1.json', data)
+    (out / 'table1.md').write_text(table1.markdown_table(data))
+    print(table1.markdown_table(data))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m resnet_jax.experiments', description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+
+    d = sub.add_parser('degradation', help='train plain and residual CIFAR nets; Fig. 1, Fig. 6, Table 6')
+    d.add_argument('--depths', type=int, nargs='+', default=[20, 32, 44, 56])
+    d.add_argument('--families', nargs='+', default=['plain', 'resnet'], choices=['plain', 'resnet'])
+    d.add_argument('--workdir', default='runs/degradation', help='one workdir per net under this folder')
+    d.add_argument('--out', default=None, help='where the PNG, JSON and markdown go (default: --workdir)')
+    d.add_argument('--config', default=str(_REPO_CONFIG), help='the CIFAR config file (get_config(name))')
+    d.add_argument('--steps', type=int, default=None,
+                   help="compress the paper's 64k-step schedule to this many steps (small machines)")
+    d.add_argument('--batch', type=int, default=128, help='batch size (lr by the linear scaling rule)')
+    d.add_argument('--eval-every', type=int, default=None, help='steps between test evaluations')
+    d.add_argument('--log-every', type=int, default=None, help='steps between training-error records')
+    d.add_argument('--train-subset', type=int, default=0, help='train on the first k images only (0: all)')
+    d.add_argument('--eval-subset', type=int, default=0, help='evaluate on the first k test images (0: all)')
+    d.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
+    d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                   help='any other config field, e.g. --set model.dtype=bfloat16')
+    d.add_argument('--plot-only', action='store_true', help='redraw from the workdirs without training')
+    d.add_argument('--no-record-command', dest='record_command', action='store_false',
+                   help=argparse.SUPPRESS)
+    d.set_defaults(func=_degradation)
+
+    r = sub.add_parser('layer-responses', help='std of every 3x3 layer response (Fig. 7)')
+    r.add_argument('--workdirs', nargs='*', default=[],
+                   help='training workdirs, or a sweep root holding them (newest checkpoint of each)')
+    r.add_argument('--init', nargs='*', default=[], help='also these model names at initialisation')
+    r.add_argument('--images', type=int, default=10_000, help='how many test images')
+    r.add_argument('--batch', type=int, default=500)
+    r.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
+    r.add_argument('--seed', type=int, default=0, help='initialisation seed for --init')
+    r.add_argument('--out', default='runs/analysis')
+    r.set_defaults(func=_layer_responses)
+
+    g = sub.add_parser('gradient-flow', help='dL/dx at every block input, plain vs residual')
+    g.add_argument('--depths', type=int, nargs='*', default=[20, 32, 44, 56, 110])
+    g.add_argument('--variants', nargs='+', default=['plain', 'resnet', 'resnet_zero_init'],
+                   choices=['plain', 'resnet', 'resnet_zero_init'])
+    g.add_argument('--workdirs', nargs='*', default=[], help='also trained nets (workdirs or a sweep root)')
+    g.add_argument('--images', type=int, default=128, help='batch of training images for the loss')
+    g.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
+    g.add_argument('--seed', type=int, default=0, help='initialisation seed (the trainer\'s)')
+    g.add_argument('--out', default='runs/analysis')
+    g.set_defaults(func=_gradient_flow)
+
+    t = sub.add_parser('table1', help="FLOPs and parameters of the ImageNet nets beside the paper's Table 1")
+    t.add_argument('--nets', nargs='+', default=None, help='model names (default: every ImageNet net)')
+    t.add_argument('--out', default='runs/analysis')
+    t.set_defaults(func=_table1)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == 'degradation' and args.out is None:
+        args.out = args.workdir
+    if args.command == 'table1' and args.nets is None:
+        from resnet_jax.analysis.table1 import IMAGENET_NETS
+        args.nets = list(IMAGENET_NETS)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The analyses of resnet_jax.analysis and their command line, on tiny nets.
+
+Numbers are checked where the answer is known by construction: a residual net whose
+branches start at zero passes dL/dx through unchanged up to the ReLU mask (and equals a
+closed form at the last block); BN outputs normalised with their own batch have unit std;
+the Table 1 report equals resnet_jax.summary. The degradation sweep is killed between two
+nets and rerun, and must train only the missing one.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import experiments, models
+from resnet_jax.analysis import degradation, gradient_flow, probes, responses, table1
+from resnet_jax.summary import summarize
+from resnet_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(6, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 6).astype(np.int32)
+
+
+def _net(name, **overrides):
+    model = models.build_model(name, **overrides)
+    return model, probes.init_variables(model, seed=0)
+
+
+def test_zero_init_residual_net_passes_the_gradient_through(batch):
+    images, labels = batch
+    model, variables = _net("cifar_resnet14", zero_init_last=True)  # 2 blocks per stage
+    grads, inputs, _ = gradient_flow.block_input_gradients(model, variables, images, labels)
+    names = list(grads)
+    assert names == [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2)]
+    g = {k: np.asarray(v) for k, v in grads.items()}
+    x = {k: np.asarray(v) for k, v in inputs.items()}
+    for here, nxt in zip(names, names[1:]):
+        mask = x[here] > 0
+        if here.endswith("block1") and here != "stage1_block1":
+            # Stride 2, option A: the input's gradient is the next one's first C channels
+            # at the even positions, zero elsewhere.
+            c = x[here].shape[-1]
+            want = np.zeros_like(x[here])
+            want[:, ::2, ::2, :] = g[nxt][..., :c]
+        else:
+            want = g[nxt]
+        np.testing.assert_allclose(g[here], want * mask, rtol=1e-6, atol=1e-12)
+    # Closed form at the last block: the block is relu(x), then mean pooling and the head,
+    # so dL/dx = mask * (softmax - onehot) W^T / (H W N), broadcast over positions.
+    logits = np.asarray(model.apply(variables, images, train=True, mutable=["batch_stats"])[0], np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1
+    w = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+    last = x[names[-1]]
+    h, wd = last.shape[1:3]
+    want = (p @ w.T)[:, None, None, :] / (h * wd * len(labels)) * (last > 0)
+    np.testing.assert_allclose(g[names[-1]], want, rtol=1e-4, atol=1e-9)
+    norms = gradient_flow.gradient_norms(model, variables, images, labels)
+    assert norms["first_over_last"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_plain_net_changes_the_gradient_and_the_probe_is_the_true_gradient(batch):
+    images, labels = batch
+    model, variables = _net("cifar_plain14")
+    grads, _, _ = gradient_flow.block_input_gradients(model, variables, images, labels)
+    norms = [float(jnp.linalg.norm(v)) for v in grads.values()]
+    ratios = np.array(norms[:-1]) / np.array(norms[1:])
+    assert np.all(np.abs(ratios - 1) > 0.05), ratios  # every plain block rescales it
+    # Finite differences along a random direction at one block's input, through the
+    # same probe: (L(+eps v) - L(-eps v)) / 2 eps = <dL/dx, v>.
+    name = "stage2_block2"
+    v = np.random.default_rng(1).normal(size=grads[name].shape).astype(np.float32)
+    zeros = {k: jnp.zeros(g.shape) for k, g in grads.items()}
+
+    @jax.jit
+    def loss(eps):
+        probes_ = dict(zeros, **{name: eps * jnp.asarray(v)})
+        return gradient_flow._loss_with_probes(model, variables, jnp.asarray(images), jnp.asarray(labels), probes_)
+
+    # ReLUs that change sign within +-eps make the difference quotient err by O(eps)
+    # (measured: 6% at 1e-2, 1.5% at 1e-3); below 1e-3 float32 round-off of the loss takes
+    # over. The gradient one block further on differs by ~30%, so 3% still tells them apart.
+    eps = 1e-3
+    numeric = (float(loss(eps)) - float(loss(-eps))) / (2 * eps)
+    assert numeric == pytest.approx(float(jnp.vdot(grads[name], v)), rel=3e-2)
+
+
+def test_bn_responses_with_own_batch_statistics_have_unit_std(batch):
+    images, _ = batch
+    model, variables = _net("cifar_resnet8")
+    layers = responses.layer_responses(model, variables, images, batch_size=len(images), train=True)
+    # The stem conv and two 3x3 convs in each of the three blocks, in network order.
+    assert [l["layer"] for l in layers] == ["stem_bn"] + [f"stage{s}_block1/bn{i}" for s in (1, 2, 3) for i in (1, 2)]
+    for layer in layers:
+        np.testing.assert_allclose(layer["channel_std"], 1.0, atol=1e-3)
+
+
+def test_responses_match_flax_captured_bn_outputs_in_eval_mode(batch):
+    images, _ = batch
+    model, variables = _net("cifar_plain8")
+    # Running statistics that are not the identity, so eval mode really rescales.
+    rng = np.random.default_rng(2)
+    variables = jax.tree.map(lambda a: a, variables)
+    variables["batch_stats"] = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32),
+                                            variables["batch_stats"])
+    layers = responses.layer_responses(model, variables, images, batch_size=4)  # 4 + 2 images
+    _, state = model.apply(variables, images, train=False, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    for layer in layers:
+        node = inter
+        for part in layer["layer"].split("/"):
+            node = node[part]
+        y = np.asarray(node["__call__"][0], np.float64)
+        want = y.reshape(-1, y.shape[-1]).std(axis=0)
+        np.testing.assert_allclose(layer["channel_std"], want, rtol=1e-4)
+        assert layer["std"] == pytest.approx(want.mean(), rel=1e-4)
+
+
+def test_table1_equals_summary():
+    data = table1.table1(["resnet18", "plain34"])
+    for name in ("resnet18", "plain34"):
+        s = summarize(models.build_model(name))
+        assert data["nets"][name]["flops"] == s["flops"]
+        assert data["nets"][name]["params"] == s["params"]
+        assert round(s["flops"] / 1e9, 1) == table1.PAPER_FLOPS[name]
+    md = table1.markdown_table(data)
+    assert "| resnet18 | 11,689,512 | 1.82 | 1.8 |" in md
+
+
+def test_bad_depth_is_named():
+    with pytest.raises(ValueError, match="depth 21"):
+        degradation.net_names([20, 21])
+    assert degradation.net_names([20, 56]) == ["plain20", "resnet20", "plain56", "resnet56"]
+
+
+def test_shortening_keeps_the_recipe_shape():
+    config = experiments.load_config_file(experiments._REPO_CONFIG, "resnet110")
+    degradation.Shortening(steps=640, batch=64).apply(config)
+    assert config.schedule.total_steps == 640
+    assert tuple(config.schedule.boundaries) == (320, 480)
+    assert config.schedule.warmup_steps == 4  # 400 of 64k
+    assert config.optimizer.learning_rate == pytest.approx(0.05)
+    assert config.reference_batch_size == config.batch_size == 64
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        assert config[field] % config.steps_per_dispatch == 0
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cifar_dir):
+    """A degradation sweep (plain-8, ResNet-8) killed between the two nets, then rerun."""
+    root = tmp_path_factory.mktemp("sweep")
+    argv = ["degradation", "--depths", "8", "--steps", "8", "--batch", "32", "--train-subset", "256",
+            "--eval-subset", "100", "--eval-every", "4", "--log-every", "4", "--data-dir", str(cifar_dir),
+            "--workdir", str(root / "runs"), "--out", str(root / "out")]
+    real = loop.train_and_evaluate
+    calls = []
+
+    def killed_at_resnet(config, workdir):
+        calls.append(config.model.name)
+        if config.model.name == "cifar_resnet8":
+            raise KeyboardInterrupt  # killed after plain-8 finished, before ResNet-8 started
+        return real(config, workdir)
+
+    def recording(config, workdir):
+        calls.append(config.model.name)
+        return real(config, workdir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "train_and_evaluate", killed_at_resnet)
+        with pytest.raises(KeyboardInterrupt):
+            experiments.main(argv)
+        first = list(calls)
+        plain_results = (root / "runs" / "plain8" / "results.json").read_bytes()
+        resnet_done_before = (root / "runs" / "resnet8" / "results.json").exists()
+        calls.clear()
+        mp.setattr(loop, "train_and_evaluate", recording)
+        rc = experiments.main(argv)
+    return {"root": root, "first": first, "second": list(calls), "rc": rc, "plain_results": plain_results,
+            "resnet_done_before": resnet_done_before}
+
+
+def test_killed_sweep_trains_only_what_is_missing(sweep):
+    assert sweep["first"] == ["cifar_plain8", "cifar_resnet8"]
+    assert not sweep["resnet_done_before"]
+    assert sweep["second"] == ["cifar_resnet8"]  # plain-8 was not trained again
+    runs = sweep["root"] / "runs"
+    assert (runs / "plain8" / "results.json").read_bytes() == sweep["plain_results"]
+    assert sweep["rc"] == 0
+
+
+def test_degradation_writes_png_json_and_table(sweep):
+    out = sweep["root"] / "out"
+    data = json.loads((out / "degradation.json").read_text())
+    for name in ("plain8", "resnet8"):
+        results = json.loads((sweep["root"] / "runs" / name / "results.json").read_text())
+        run = data["runs"][name]
+        assert run["final_error"] == results["final_error"]
+        assert [s for s, _ in run["test"]] == [4, 8]
+        assert [s for s, _ in run["train"]] == [4, 8]
+    assert (out / "degradation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "degradation.md").read_text()
+    assert f"| 8 | {100 * data['runs']['plain8']['final_error']:.2f} | " in md
+
+
+def test_layer_responses_and_gradient_flow_from_the_command_line(sweep, cifar_dir, tmp_path):
+    runs = str(sweep["root"] / "runs")
+    assert experiments.main(["layer-responses", "--workdirs", runs, "--init", "cifar_resnet8", "--images", "100",
+                             "--batch", "50", "--data-dir", str(cifar_dir), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layer_responses.json").read_text())
+    assert set(data["nets"]) == {"plain-8 (step 8)", "ResNet-8 (step 8)", "resnet8 (init)"}
+    assert all(len(net["layers"]) == 7 for net in data["nets"].values())
+    assert (tmp_path / "layer_responses.png").stat().st_size > 1000
+
+    assert experiments.main(["gradient-flow", "--depths", "8", "--variants", "plain", "resnet_zero_init",
+                             "--images", "8", "--workdirs", runs, "--data-dir", str(cifar_dir),
+                             "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gradient_flow.json").read_text())
+    assert set(data["nets"]) == {"plain-8", "ResNet-8 zero-init", "plain-8 (step 8)", "ResNet-8 (step 8)"}
+    assert data["nets"]["ResNet-8 zero-init"]["first_over_last"] == pytest.approx(1.0, rel=1e-5)
+    assert (tmp_path / "gradient_flow.png").stat().st_size > 1000
+
+    assert experiments.main(["table1", "--nets", "resnet18", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "table1.json").read_text())["nets"]["resnet18"]["paper_flops_1e9"] == 1.8
