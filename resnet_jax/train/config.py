@@ -431,17 +431,18 @@ def _schedule_steps(flat: Mapping[str, Any], batch: int, steps_per_epoch: int) -
     Either in steps at `reference_batch_size`, rescaled by the linear scaling rule (the
     CIFAR recipe's iterations), or in epochs (ImageNet's), which do not depend on the batch.
     """
-    epochs = flat["schedule.epochs"]
-    if (flat["schedule.total_steps"] is None) == (epochs is None):
-        raise ConfigError(f"config fields schedule.total_steps = {flat['schedule.total_steps']!r} and "
-                          f"schedule.epochs = {epochs!r}: set exactly one of them (the other None)")
+    # Steps, where given, win: the command line can set a field but not reset one to None.
+    epochs = None if flat["schedule.total_steps"] is not None else flat["schedule.epochs"]
+    if flat["schedule.total_steps"] is None and epochs is None:
+        raise ConfigError("config fields schedule.total_steps and schedule.epochs are both None: set one")
     if flat["schedule.kind"] == "cosine" and (flat["schedule.boundaries"] or flat["schedule.boundary_epochs"]):
         raise ConfigError("config field schedule.kind = 'cosine' takes no boundaries: set schedule.boundaries "
                           "and schedule.boundary_epochs to ()")
     if epochs is None:
         if flat["schedule.boundary_epochs"] or flat["schedule.warmup_epochs"]:
-            raise ConfigError("config fields schedule.boundary_epochs / schedule.warmup_epochs need "
-                              "schedule.epochs; with schedule.total_steps use schedule.boundaries / warmup_steps")
+            raise ConfigError("config fields schedule.boundary_epochs / schedule.warmup_epochs are in epochs, "
+                              "but schedule.total_steps is set (and wins over schedule.epochs): use "
+                              "schedule.boundaries / warmup_steps, and set boundary_epochs=() and warmup_epochs=0")
         return _steps_schedule(flat, batch)
     if flat["schedule.boundaries"] or flat["schedule.warmup_steps"]:
         raise ConfigError("config fields schedule.boundaries / schedule.warmup_steps are in steps: with "
