@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from _configs import ROOT, load_config
-from _imagenet import make_image_folder
+from _imagenet import make_image_folder, samples
 from _workdirs import final_arrays
 from resnet_jax.train import loop, sources
 from resnet_jax.train.metrics import read_metrics
@@ -28,7 +28,7 @@ OVERRIDES = {
 }
 
 
-def _config(root, **extra):
+def small_config(root, **extra):
     config = load_config("resnet18", "imagenet.py")
     for dotted, value in {**OVERRIDES, "dataset.data_dir": str(root), **extra}.items():
         node = config
@@ -75,7 +75,7 @@ def test_resnet18_trains_on_a_folder_from_the_command_line(cli_run):
 
 
 def test_folder_dataset_is_described_before_anything_compiles(folder):
-    info = sources.describe(_config(folder))
+    info = sources.describe(small_config(folder))
     assert (info.num_train, info.num_eval, info.num_classes, info.image_shape) == (100, 12, 1000, (64, 64, 3))
 
 
@@ -101,7 +101,7 @@ def test_resume_after_a_crash_sees_the_same_examples(folder, tmp_path, monkeypat
 
     monkeypatch.setattr(sources.ImageNetSource, "_train_batches", recording)
     monkeypatch.setattr(sources.ImageNetSource, "train", crash_on_fourth_chunk)
-    config = _config(folder)
+    config = small_config(folder)
     with pytest.raises(KeyboardInterrupt):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     monkeypatch.setattr(sources.ImageNetSource, "train", train)
@@ -123,3 +123,68 @@ def test_resume_after_a_crash_sees_the_same_examples(folder, tmp_path, monkeypat
     assert [r["step"] for r in records if r["split"] == "train"] == [4, 8, 12, 16, 20, 24]
     losses = {r["step"]: r["loss"] for r in read_metrics(straight / "metrics.jsonl") if r["split"] == "train"}
     assert all(losses[r["step"]] == r["loss"] for r in records if r["split"] == "train")
+
+
+def test_evaluate_script_reproduces_the_runs_evaluation_and_runs_other_protocols(cli_run, folder, tmp_path):
+    workdir, _ = cli_run
+    (ev,) = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "validation"]
+    base = [sys.executable, "scripts/evaluate.py", "--config", "configs/imagenet.py:resnet18",
+            "--workdir", str(workdir), "--config.dataset.name=image_folder",
+            f"--config.dataset.data_dir={folder}", "--config.dataset.image_size=64",
+            "--config.dataset.scale_range=(72,96)", "--config.dataset.eval_resize=72", "--config.eval_batch_size=8"]
+    out = {}
+    for protocol in ("ten_crop", "center"):
+        proc = subprocess.run(base + [f"--protocol={protocol}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[protocol] = json.loads((workdir / f"eval_{protocol}.json").read_text())
+        assert json.loads(proc.stdout) == out[protocol]
+    assert out["ten_crop"]["count"] == out["center"]["count"] == 12
+    # Same weights, same protocol, same images: the trainer's own evaluation, to round-off.
+    assert out["ten_crop"]["top1_error"] == ev["error"]
+    assert out["ten_crop"]["loss"] == pytest.approx(ev["loss"], rel=1e-5)
+    bad = subprocess.run(base[:4] + ["--checkpoint", str(tmp_path / "nothing")] + base[6:], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "nothing" in bad.stderr
+
+
+def test_two_processes_read_halves_that_make_the_one_process_batch(folder, tmp_path):
+    """Two gloo processes, each reading its own half of every global batch, make the same
+    global batches as one process reading everything; the evaluation covers each image once."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT / "tests"))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_imagenet_worker.py"), json.dumps(
+        {"port": port, "process_id": i, "num_processes": 2, "folder": str(folder), "out": str(tmp_path / "two.npz")})],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    two = np.load(tmp_path / "two.npz")
+
+    from resnet_jax.data import imagenet
+
+    config = small_config(folder)
+    spec = sources.imagenet_spec(config.dataset)
+    d = config.dataset
+    one = imagenet.train_batches(spec, seed=config.seed, start_step=3, global_batch=config.batch_size,
+                                 process_index=0, process_count=1, image_size=d.image_size,
+                                 transform=d.train_transform, scale_range=tuple(d.scale_range), pca_std=d.pca_std)
+    for i in range(2):
+        batch = next(one)
+        np.testing.assert_array_equal(two[f"label{i}"], batch["label"])
+        np.testing.assert_allclose(two[f"image{i}"], batch["image"], atol=1e-6)
+    labels = two["eval_label"][two["eval_mask"]]
+    assert labels.size == 12
+    expected = [int(r["label_index"]) for r in samples()[-12:]]
+    assert sorted(labels.tolist()) == sorted(expected)

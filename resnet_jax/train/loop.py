@@ -222,7 +222,7 @@ class _Run:
             self.step = self.start_step
             self.state = self.state.replace_items(items)
         elif config.init_from:
-            self.state = _init_from(self.state, config.init_from)
+            self.state = _init_from(self.state, config.init_from, model)
         self.last_good = self.start_step if restored is not None else None
         self.writer = MetricsWriter(self.workdir, enabled=self.main, tensorboard=config.tensorboard)
         self.writer.truncate_after(self.start_step)
@@ -349,8 +349,16 @@ class _Run:
         }
 
 
-def _init_from(state: TrainState, path: str) -> TrainState:
-    raise config_lib.ConfigError(f"config field init_from = {path!r}: not wired yet")
+def _init_from(state: TrainState, path: str, model: Any) -> TrainState:
+    """The new run's weights from a converted or trained checkpoint (fine-tuning); a head
+    of another size stays freshly initialised. The momentum starts at zero either way."""
+    from resnet_jax.interop import weights
+
+    try:
+        variables = weights.init_variables_from(path, state.variables, log=log.info, model=model)
+    except weights.ConversionError as e:
+        raise config_lib.ConfigError(f"config field init_from = {path!r}: {e}") from None
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

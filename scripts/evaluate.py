@@ -1,0 +1,124 @@
+r"""Evaluate trained or converted weights with any of the paper's test protocols.
+
+  python scripts/evaluate.py --config configs/imagenet.py:resnet50 --workdir runs/in_resnet50 \
+      --protocol ten_crop --config.dataset.data_dir=~/tensorflow_datasets
+  python scripts/evaluate.py --config configs/imagenet.py:resnet50 --checkpoint converted/resnet50 \
+      --config.model.stride_on_3x3=True --config.dataset.name=image_folder --config.dataset.data_dir=/data/in
+
+`--workdir`: a training run's workdir (its newest verified checkpoint); `--checkpoint`: a
+directory written by `python -m resnet_jax.convert`, a checkpoints/ directory, or a
+torchvision/timm `.pth`/`.safetensors` file. The weights must fit the config's model
+exactly (same classes). Protocols (ImageNet): 'center' (shorter side 256, centre 224),
+'ten_crop' (Tables 2-3), 'multi_scale' (Table 4); CIFAR configs evaluate the test set.
+Prints top-1/top-5 error as JSON and writes it to --output (default: the workdir's
+eval_<protocol>.json, or only stdout for --checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from resnet_jax import models, parallel
+from resnet_jax.data import DataError
+from resnet_jax.interop import weights
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import loop, sources, steps
+from resnet_jax.train.state import TrainState
+from resnet_jax.train.workdir import atomic_write_json
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imagenet.py:resnet50.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, checkpoints/ dir, or .pth file.")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, ["center", "ten_crop", "multi_scale"],
+                              "ImageNet test protocol (default: the config's dataset.eval_protocol).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result.")
+flags.mark_flags_as_required(["config"])
+
+
+def _check_fits(variables: dict, model: models.ResNet, image_shape: tuple[int, int, int], where: str) -> None:
+    """The weights must have exactly the model's variables; names the first that differs."""
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *image_shape), np.float32),
+                                                 train=False))
+    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(
+        {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})})}
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise config_lib.ConfigError(
+                f"{where} does not fit config model {model_name()!r}: variable {key} is "
+                f"{got.get(key, 'missing')} in the weights, {want.get(key, 'absent')} in the model "
+                "(a different model, model.num_classes or dataset?)")
+
+
+def model_name() -> str:
+    return _CONFIG.value.model.name
+
+
+def evaluate(config, path: str) -> dict:
+    config_lib.check_fields(config)
+    mesh = parallel.make_mesh()
+    info = sources.describe(config)
+    config_lib.validate(config, num_devices=mesh.devices.size, sizes=(info.num_train, info.num_eval))
+    model = loop.build_model(config, info.num_classes)
+    try:
+        variables, _ = weights.load_variables(path)
+    except weights.ConversionError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    _check_fits(variables, model, info.image_shape, path)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state=(), apply_fn=model.apply, tx=None)
+    source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
+    start = time.perf_counter()
+    if isinstance(source, sources.ImageNetSource):
+        total = None
+        eval_fn = jax.jit(steps.eval_step)
+        for batch in tqdm(source.eval_batches(), desc="evaluating", unit="batch",
+                          disable=not parallel.is_main_process()):
+            out = eval_fn(state, batch)
+            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
+        sums = jax.device_get(total)
+    else:
+        sums = source.evaluate(state)
+    record = steps.summarize_eval(sums)
+    protocol = config.dataset.get("eval_protocol", "test")
+    return {"model": config.model.name, "weights": str(path), "dataset": config.dataset.name,
+            "split": info.eval_split, "protocol": protocol, "top1_error": record["error"],
+            "top5_error": record["error_top5"], "loss": record["loss"], "count": record["count"],
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
+        raise app.UsageError("give exactly one of --workdir and --checkpoint")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    if _PROTOCOL.value:
+        if "eval_protocol" not in config.dataset:
+            raise app.UsageError("--protocol is for ImageNet configs; CIFAR evaluates its test set")
+        config.dataset.eval_protocol = _PROTOCOL.value
+    path = _WORKDIR.value or _CHECKPOINT.value
+    try:
+        result = evaluate(config, path)
+    except (config_lib.ConfigError, DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result, indent=1))
+    output = _OUTPUT.value or (f"{_WORKDIR.value}/eval_{result['protocol']}.json" if _WORKDIR.value else None)
+    if output and parallel.is_main_process():
+        atomic_write_json(output, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
