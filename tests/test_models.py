@@ -40,18 +40,21 @@ def expected_params(kind, sizes, widths, stem, shortcut, num_classes, residual=T
     """Parameter count derived by hand from the papers' layer tables."""
     expansion = 4 if kind == 'bottleneck' else 1
     stem_k = 7 if stem == 'imagenet' else 3
-    total = conv(stem_k, 3, widths[0]) + (0 if preact and stem == 'cifar' else 2 * widths[0])
+    total = conv(stem_k, 3, widths[0]) + 2 * widths[0]  # conv + BN (2016: the first unit's)
     cin = widths[0]
     for stage, (n, f) in enumerate(zip(sizes, widths)):
         for j in range(n):
             cout = f * expansion
             if kind == 'basic':
-                total += conv(3, cin, f) + conv(3, f, f) + 2 * (2 * f)
-                if preact:  # bn1 over the input instead of a BN after the last conv
-                    total += 2 * cin - 2 * f
+                total += conv(3, cin, f) + conv(3, f, f)
+                # post-activation: a BN after each conv; pre-activation: a BN before each
+                # conv, the first block's first one being the stem's (counted above).
+                total += (2 * cin + 2 * f) if preact else (2 * f + 2 * f)
             else:
                 total += conv(1, cin, f) + conv(3, f, f) + conv(1, f, cout)
                 total += (2 * cin + 2 * f + 2 * f) if preact else (2 * f + 2 * f + 2 * cout)
+            if preact and stage == 0 and j == 0:
+                total -= 2 * cin
             stride = 2 if stage > 0 and j == 0 else 1
             shape_changes = stride != 1 or cin != cout
             if residual and (shortcut == 'C' or (shortcut == 'B' and shape_changes)):
@@ -70,20 +73,35 @@ def test_imagenet_param_counts_equal_torchvision(depth, count):
 
 
 @pytest.mark.parametrize('depth,count', [(20, 269_722), (32, 464_154), (44, 658_586),
-                                         (56, 853_018), (110, 1_727_962)])
+                                         (56, 853_018), (110, 1_727_962), (1202, 19_421_274)])
 def test_cifar_option_a_param_counts(depth, count):
     assert n_params(cifar_resnet(depth)) == count
 
 
-@pytest.mark.parametrize('name', ['plain18', 'plain34', 'plain50', 'cifar_plain20',
-                                  'cifar_plain56'])
-def test_plain_param_counts_match_closed_form(name):
+# A plain net is its ResNet without the shortcuts' parameters: torchvision's count less its
+# `downsample` projections (ImageNet); the option-A CIFAR ResNet, whose shortcuts have none.
+PLAIN_COUNTS = {'plain18': 11_515_688, 'plain34': 21_623_848, 'plain50': 22_780_456,
+                'cifar_plain20': 269_722, 'cifar_plain56': 853_018}
+
+
+@pytest.mark.parametrize('name', sorted(PLAIN_COUNTS))
+def test_plain_param_counts(name):
     model = build_model(name)
     kind = 'bottleneck' if name == 'plain50' else 'basic'
     expected = expected_params(kind, model.stage_sizes, model.stage_widths, model.stem, 'B',
                                model.num_classes, residual=False)
-    assert n_params(model, 224 if model.stem == 'imagenet' else 32) == expected
-    assert {'plain18': 11_515_688, 'cifar_plain20': 269_722}.get(name, expected) == expected
+    got = n_params(model, 224 if model.stem == 'imagenet' else 32)
+    assert got == expected == PLAIN_COUNTS[name]
+
+
+def test_plain_counts_are_torchvision_without_its_projections():
+    import torchvision  # noqa: PLC0415 (only this test needs it)
+
+    for name in ('plain18', 'plain34', 'plain50'):
+        net = getattr(torchvision.models, name.replace('plain', 'resnet'))(weights=None)
+        count = sum(p.numel() for k, p in net.named_parameters() if 'downsample' not in k)
+        assert count == PLAIN_COUNTS[name], name
+    assert PLAIN_COUNTS['cifar_plain56'] == n_params(cifar_resnet(56))  # option A: no parameters
 
 
 @pytest.mark.parametrize('depth,n,paper_millions', [(164, 18, 1.7), (1001, 111, 10.2)])
@@ -186,10 +204,12 @@ def test_features_share_parameter_names_with_call():
     backbone = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((1, 64, 64, 3)),
                                                  method=ResNet.features))
     assert set(full['params']) - set(backbone['params']) == {'final_bn', 'head'}
-    # The 2016 paper's ImageNet pre-act stem keeps BN-ReLU before the max-pool; its CIFAR
-    # stem is a bare conv (the first block's BN-ReLU follows it).
-    assert 'stem_bn' in full['params']
-    assert 'stem_bn' not in abstract_variables(build_model('cifar_preact_resnet110'), 32)['params']
+    # Pre-activation nets activate the stem once (2016: "the first activation right after
+    # conv1 and before splitting into two paths"): stem_bn, and no bn1 in the first block.
+    for net in (full, abstract_variables(build_model('cifar_preact_resnet110'), 32)):
+        assert 'stem_bn' in net['params']
+        assert 'bn1' not in net['params']['stage1_block1']
+        assert 'bn1' in net['params']['stage1_block2'] and 'bn1' in net['params']['stage2_block1']
 
 
 # --------------------------------------------------------------------------- block numerics

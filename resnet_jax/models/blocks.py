@@ -7,8 +7,8 @@ decides *topology*. Class attributes tell the network what a block is:
 
 * ``expansion``: output channels = ``filters * expansion`` (1 basic, 4 bottleneck);
 * ``residual``: whether the block has a shortcut at all (False for the plain nets);
-* ``preact``: 2016 pre-activation ordering (the network then drops the CIFAR stem's BN-ReLU and
-  adds a final BN-ReLU before pooling).
+* ``preact``: 2016 pre-activation ordering (the network then tells the first block that its
+  input is already activated by the stem, and adds a final BN-ReLU before pooling).
 
 Submodule names are fixed (``conv1``, ``bn1``, ..., ``proj_conv``, ``proj_bn``) so that
 checkpoints and weight converters can rely on them.
@@ -179,6 +179,21 @@ def _pre_act_shortcut(block: nn.Module, x: Array, preact: Array, out_channels: i
     return pad_shortcut(x, out_channels, block.strides)
 
 
+def _pre_activation(block: nn.Module, x: Array) -> Array:
+    """``relu(bn1(x))``, or ``x`` itself when the block's input is already activated.
+
+    The network's stem ends in BN-ReLU, and the 2016 paper takes that as the first
+    block's pre-activation ("the first activation right after conv1 and before splitting
+    into two paths"), so the first block of the first stage has no BN-ReLU of its own at
+    the input (``preactivate_input=False``; the 'no_preact' first block of the authors'
+    Torch code, fb.resnet.torch ``models/preresnet.lua``) and both of its paths read the
+    activated input. Every other block pre-activates its raw input with ``bn1``.
+    """
+    if block.preactivate_input:
+        return block.act(block.norm(name='bn1')(x))
+    return x
+
+
 class PlainBlock(nn.Module):
     """Two 3x3 convs, each followed by BN-ReLU, no shortcut (the 2015 paper's plain nets).
 
@@ -302,7 +317,8 @@ class PreActBasicBlock(nn.Module):
 
     Nothing follows the addition, so a zero residual branch makes the block exactly the
     identity. There is no BN closing the branch, so ``zero_init_last`` zero-initialises the
-    last conv's kernel instead of a BN scale.
+    last conv's kernel instead of a BN scale. ``preactivate_input=False`` drops ``bn1``: the
+    input is taken as already activated (see :func:`_pre_activation`).
     """
 
     filters: int
@@ -312,6 +328,7 @@ class PreActBasicBlock(nn.Module):
     act: Callable
     shortcut: str = 'B'
     zero_init_last: bool = False
+    preactivate_input: bool = True
 
     expansion: ClassVar[int] = 1
     residual: ClassVar[bool] = True
@@ -319,7 +336,7 @@ class PreActBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        pre = self.act(self.norm(name='bn1')(x))
+        pre = _pre_activation(self, x)
         y = _conv3x3(self.conv, self.filters, self.strides, 'conv1')(pre)
         y = self.act(self.norm(name='bn2')(y))
         y = _conv3x3(self.conv, self.filters, 1, 'conv2', **_last_conv_kw(self.zero_init_last))(y)
@@ -331,7 +348,8 @@ class PreActBottleneck(nn.Module):
 
     BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (x4), plus the shortcut; nothing
     after the addition. ``zero_init_last`` zero-initialises ``conv3``'s kernel.
-    ``stride_on_3x3`` as in :class:`Bottleneck`.
+    ``stride_on_3x3`` as in :class:`Bottleneck`; ``preactivate_input`` as in
+    :class:`PreActBasicBlock`.
     """
 
     filters: int
@@ -342,6 +360,7 @@ class PreActBottleneck(nn.Module):
     shortcut: str = 'B'
     zero_init_last: bool = False
     stride_on_3x3: bool = False
+    preactivate_input: bool = True
 
     expansion: ClassVar[int] = 4
     residual: ClassVar[bool] = True
@@ -351,7 +370,7 @@ class PreActBottleneck(nn.Module):
     def __call__(self, x: Array) -> Array:
         out = self.filters * self.expansion
         s1, s3 = _bottleneck_strides(self.strides, self.stride_on_3x3)
-        pre = self.act(self.norm(name='bn1')(x))
+        pre = _pre_activation(self, x)
         y = _conv1x1(self.conv, self.filters, s1, 'conv1')(pre)
         y = _conv3x3(self.conv, self.filters, s3, 'conv2')(self.act(self.norm(name='bn2')(y)))
         y = _conv1x1(self.conv, out, 1, 'conv3', **_last_conv_kw(self.zero_init_last))(

@@ -77,10 +77,15 @@ class ResNet(nn.Module):
       block_cls: a block class of :mod:`resnet_jax.models.blocks` (or a partial of one).
       num_classes: classifier outputs.
       stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max-pool with padding 1 as in
-        torchvision) or 'cifar' (3x3 conv, BN, ReLU). For pre-activation blocks the stem
-        conv is not followed by BN-ReLU (the first block pre-activates it) and the last
-        stage is followed by BN-ReLU before pooling, as in the 2016 paper. The stem has
-        ``stage_widths[0]`` channels (64 on ImageNet, 16 on CIFAR).
+        torchvision) or 'cifar' (3x3 conv, BN, ReLU). With pre-activation blocks the last
+        stage is followed by BN-ReLU before pooling, and the first block of the first stage
+        has no BN-ReLU of its own (``preactivate_input=False``): it takes the stem's
+        activation as its pre-activation, on both of its paths. The 2016 paper: "for the
+        first Residual Unit (that follows a stand-alone convolutional layer, conv1), we
+        adopt the first activation right after conv1 and before splitting into two paths";
+        the authors' Torch code (fb.resnet.torch ``models/preresnet.lua``, the 'no_preact'
+        first block) builds the ImageNet nets so. The stem has ``stage_widths[0]`` channels
+        (64 on ImageNet, 16 on CIFAR).
       stage_widths: per-stage block width ``filters`` (a bottleneck outputs 4x this).
       width_multiplier: scales every width, the stem's included (1 = paper).
       shortcut: 'A' zero-padding identity (2015 paper, CIFAR), 'B' projection only where the
@@ -97,6 +102,12 @@ class ResNet(nn.Module):
         G consecutive examples (the 2015 paper's per-GPU BN of 32 images on ImageNet).
       kernel_init: conv initialiser: 'fan_in' (default; He et al. 2015 "Delving deep", which
         the paper cites), 'fan_out' (torchvision) or any initialiser callable.
+      bn_frozen: every BN normalises with its running statistics and leaves them unchanged
+        even when ``train=True`` (BN scale and bias still train): for fine-tuning pretrained
+        weights with batches too small or too different for fresh statistics. False = paper.
+      input_size: None = images go to the stem as they come; N = they are first resized
+        bilinearly to N x N (on the device): to run ImageNet-pretrained weights on small
+        images at the scale they were trained at (CIFAR-10 upsampled to 224).
 
     The classifier is Dense with LeCun-normal kernel (variance 1 / fan_in) and zero bias:
     no ReLU follows it, so He's factor 2 has no reason to be there; this is also the variance
@@ -117,6 +128,8 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     ghost_batch_size: Optional[int] = None
     kernel_init: Union[str, Callable] = 'fan_in'
+    bn_frozen: bool = False
+    input_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -129,8 +142,7 @@ class ResNet(nn.Module):
     def features(self, x: Array, train: bool = False) -> dict[str, Array]:
         """Backbone outputs without the head: {'stem', 'stage1', ..., 'stageN'}.
 
-        'stem' is the stem conv output (after BN-ReLU for post-activation nets) before the
-        max-pool, at stride 2 for the ImageNet stem; stage i is at stride 2**(i+1) on
+        'stem' is the stem's output (conv, BN, ReLU) before the max-pool, at stride 2 for the ImageNet stem; stage i is at stride 2**(i+1) on
         ImageNet (4, 8, 16, 32) and 2**(i-1) on CIFAR. Stage outputs of pre-activation nets
         are the raw sums (the final BN-ReLU belongs to the head).
         """
@@ -139,14 +151,17 @@ class ResNet(nn.Module):
     @nn.compact
     def _forward(self, x: Array, train: bool, with_head: bool) -> tuple[dict, Optional[Array]]:
         dtype = resolve_dtype(self.dtype)
+        if self.input_size is not None:
+            x = jax.image.resize(x, (x.shape[0], self.input_size, self.input_size, x.shape[-1]),
+                                 'bilinear')
         conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                                  kernel_init=_kernel_init(self.kernel_init))
-        norm = functools.partial(GhostBatchNorm, use_running_average=not train,
+        norm = functools.partial(GhostBatchNorm, use_running_average=not train or self.bn_frozen,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype,
                                  param_dtype=jnp.float32, ghost_batch_size=self.ghost_batch_size)
         preact = block_class(self.block_cls).preact
         feats = {}
-        x = self._stem(x.astype(dtype), conv, norm, preact, feats)
+        x = self._stem(x.astype(dtype), conv, norm, feats)
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 x = self.block_cls(
@@ -154,7 +169,8 @@ class ResNet(nn.Module):
                     strides=2 if i > 0 and j == 0 else 1,
                     conv=conv, norm=norm, act=nn.relu, shortcut=self.shortcut,
                     zero_init_last=self.zero_init_last, name=f'stage{i + 1}_block{j + 1}',
-                    **_block_options(self.block_cls, self.stride_on_3x3))(x)
+                    **_block_options(self.block_cls, self.stride_on_3x3,
+                                     input_activated=preact and i == 0 and j == 0))(x)
             feats[f'stage{i + 1}'] = x
         if not with_head:
             return feats, None
@@ -166,18 +182,16 @@ class ResNet(nn.Module):
                           name='head')(x)
         return feats, logits
 
-    def _stem(self, x: Array, conv: ModuleDef, norm: ModuleDef, preact: bool,
-              feats: dict) -> Array:
+    def _stem(self, x: Array, conv: ModuleDef, norm: ModuleDef, feats: dict) -> Array:
         width = scaled_width(self.stage_widths[0], self.width_multiplier)
         if self.stem == 'imagenet':
             x = conv(width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='stem_conv')(x)
         else:
             x = conv(width, (3, 3), padding=((1, 1), (1, 1)), name='stem_conv')(x)
-        # Pre-activation CIFAR nets go straight from the stem conv into the first block
-        # (whose BN-ReLU follows it); the 2016 paper's ImageNet nets keep BN-ReLU before
-        # the max-pool, so the pool sees activations, not raw conv outputs.
-        if not preact or self.stem == 'imagenet':
-            x = nn.relu(norm(name='stem_bn')(x))
+        # Pre-activation nets too: this BN-ReLU is the first block's pre-activation (shared
+        # by its two paths, see the class docstring), and on ImageNet it comes before the
+        # max-pool, so the pool sees activations, not raw conv outputs.
+        x = nn.relu(norm(name='stem_bn')(x))
         feats['stem'] = x
         if self.stem == 'imagenet':
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -188,10 +202,17 @@ def _kernel_init(kernel_init: Union[str, Callable]) -> Callable:
     return he_normal(kernel_init) if isinstance(kernel_init, str) else kernel_init
 
 
-def _block_options(block_cls: ModuleDef, stride_on_3x3: bool) -> dict:
-    """Block-specific fields the network forwards (only to blocks that declare them)."""
+def _block_options(block_cls: ModuleDef, stride_on_3x3: bool, input_activated: bool) -> dict:
+    """Block-specific fields the network forwards (only to blocks that declare them).
+
+    ``input_activated``: the block follows the ImageNet stem's BN-ReLU, so a pre-activation
+    block must not activate its input a second time.
+    """
     fields = getattr(block_class(block_cls), '__dataclass_fields__', {})
-    return {'stride_on_3x3': stride_on_3x3} if 'stride_on_3x3' in fields else {}
+    options = {'stride_on_3x3': stride_on_3x3} if 'stride_on_3x3' in fields else {}
+    if input_activated and 'preactivate_input' in fields:
+        options['preactivate_input'] = False
+    return options
 
 
 def _positive_ints(name: str, values: Any) -> None:
@@ -235,4 +256,9 @@ def validate(net: ResNet) -> None:
     if not callable(net.kernel_init) and net.kernel_init not in KERNEL_INIT_MODES:
         raise ValueError(f'kernel_init={net.kernel_init!r} is not one of {KERNEL_INIT_MODES} '
                          'or an initialiser callable')
+    if not isinstance(net.bn_frozen, bool):
+        raise ValueError(f'bn_frozen={net.bn_frozen!r} must be True or False')
+    if net.input_size is not None and (not isinstance(net.input_size, (int, np.integer))
+                                       or isinstance(net.input_size, bool) or net.input_size <= 0):
+        raise ValueError(f'input_size={net.input_size!r} must be None or a positive int')
     resolve_dtype(net.dtype)
