@@ -164,6 +164,28 @@ def test_inception_crop_covers_8_to_100_percent():
     assert (top + h <= 400).all() and (left + w <= 600).all()
 
 
+def test_inception_output_is_the_resized_crop_window():
+    rows = samples()
+    big = SAMPLES_DIR / max(rows, key=lambda r: int(r["width"]) * int(r["height"]))["filename"]
+    image_bytes = read(big)
+    full = T.decode(image_bytes, dct_method="INTEGER_FAST")
+    reduced = 0
+    for i in range(6):
+        seed = tf.constant([5, i], tf.int64)
+        seeds = T._seeds(seed, 2)
+        top, left, h, w = (int(v) for v in T.inception_window(seeds[0], T.image_shape(image_bytes)))
+        reduced += min(h, w) >= 2 * 224
+        want = tf.image.resize(full[top : top + h, left : left + w], [224, 224], antialias=True).numpy()
+        if bool(tf.random.stateless_uniform([], seed=seeds[1]) < 0.5):
+            want = want[:, ::-1]
+        got = unnormalize(T.train_inception(image_bytes, seed))
+        # DCT-domain downscaling + bilinear vs one antialiased resize: the same picture up to
+        # blur (this image is finely textured); a crop shifted by 8 output pixels is far off.
+        assert np.abs(got - want).mean() < 5.0, (i, h, w)
+        assert np.abs(got[8:] - want[:-8]).mean() > 3 * np.abs(got - want).mean(), (i, h, w)
+    assert reduced >= 2  # the DCT-scaled path was exercised
+
+
 # ---------------------------------------------------------------------------- odd files
 
 def make_odd_files(tmp_path) -> dict[str, Path]:

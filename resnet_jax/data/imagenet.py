@@ -404,7 +404,7 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
                              lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
         return
     ds = ds.batch(per, drop_remainder=True).map(lambda b: {"image": b["image"], "label": b["label"]})
-    ds = ds.prefetch(2).with_options(_options(tf, threads))
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf, threads))
     iterator = ds.as_numpy_iterator()
     step = start_step
     while True:
@@ -477,7 +477,7 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
                                  lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
         else:
             ds = ds.batch(per, drop_remainder=True).map(lambda b: {"image": b["image"], "label": b["label"]})
-            iterator = ds.prefetch(2).with_options(_options(tf, threads)).as_numpy_iterator()
+            iterator = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf, threads)).as_numpy_iterator()
             for step in steps:
                 try:
                     batch = next(iterator)
