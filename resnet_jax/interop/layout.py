@@ -20,7 +20,6 @@ as 0 on export. ``fc.weight`` (classes, C) -> ``head/kernel`` (C, classes).
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Iterator, Mapping
 
@@ -79,41 +78,51 @@ def model_name(arch: str) -> str:
     return f'resnet{depth}'
 
 
-def _conv(jax_path: tuple[str, ...], torch_key: str):
-    yield torch_key + '.weight', ('params', *jax_path, 'kernel'), 'conv'
+def _conv(jax_path: tuple[str, ...], torch_key: str, shape: tuple[int, ...]):
+    yield torch_key + '.weight', ('params', *jax_path, 'kernel'), 'conv', shape
 
 
-def _bn(jax_path: tuple[str, ...], torch_key: str):
-    yield torch_key + '.weight', ('params', *jax_path, 'scale'), 'vec'
-    yield torch_key + '.bias', ('params', *jax_path, 'bias'), 'vec'
-    yield torch_key + '.running_mean', ('batch_stats', *jax_path, 'mean'), 'vec'
-    yield torch_key + '.running_var', ('batch_stats', *jax_path, 'var'), 'vec'
-    yield torch_key + '.' + COUNTER, None, 'counter'
+def _bn(jax_path: tuple[str, ...], torch_key: str, channels: int):
+    yield torch_key + '.weight', ('params', *jax_path, 'scale'), 'vec', (channels,)
+    yield torch_key + '.bias', ('params', *jax_path, 'bias'), 'vec', (channels,)
+    yield torch_key + '.running_mean', ('batch_stats', *jax_path, 'mean'), 'vec', (channels,)
+    yield torch_key + '.running_var', ('batch_stats', *jax_path, 'var'), 'vec', (channels,)
+    yield torch_key + '.' + COUNTER, None, 'counter', ()
 
 
-def correspondence(arch: str) -> Iterator[tuple[str, Any, str]]:
-    """(torch key, variables path or None, kind) in torch's state_dict order.
+def correspondence(arch: str, num_classes: int = 1000
+                   ) -> Iterator[tuple[str, Any, str, tuple[int, ...]]]:
+    """(torch key, variables path or None, kind, torch shape) in torch's state_dict order.
 
     kind: 'conv' (OIHW <-> HWIO), 'vec', 'fc_weight' (transposed), 'counter' (not imported).
+    The shapes follow the 2015 paper's Table 1 (torchvision's ``ResNet``); the parity tests
+    check them against both torch and this project's model.
     """
     _, depth = parse_arch(arch)
     kind, sizes = DEPTHS[depth]
-    yield from _conv(('stem_conv',), 'conv1')
-    yield from _bn(('stem_bn',), 'bn1')
-    convs = 2 if kind == 'basic' else 3
+    yield from _conv(('stem_conv',), 'conv1', (64, 3, 7, 7))
+    yield from _bn(('stem_bn',), 'bn1', 64)
+    cin = 64
     for i, size in enumerate(sizes):
+        width = 64 * 2 ** i
         for j in range(size):
             block, prefix = f'stage{i + 1}_block{j + 1}', f'layer{i + 1}.{j}'
-            for c in range(1, convs + 1):
-                yield from _conv((block, f'conv{c}'), f'{prefix}.conv{c}')
-                yield from _bn((block, f'bn{c}'), f'{prefix}.bn{c}')
-            # torchvision/timm project the first block of every stage except the first
-            # stage of a basic net (64 -> 64 channels, stride 1): option B exactly.
-            if j == 0 and (i > 0 or kind == 'bottleneck'):
-                yield from _conv((block, 'proj_conv'), f'{prefix}.downsample.0')
-                yield from _bn((block, 'proj_bn'), f'{prefix}.downsample.1')
-    yield 'fc.weight', ('params', 'head', 'kernel'), 'fc_weight'
-    yield 'fc.bias', ('params', 'head', 'bias'), 'vec'
+            if kind == 'basic':
+                convs = [(width, cin, 3, 3), (width, width, 3, 3)]
+            else:
+                convs = [(width, cin, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
+            for c, shape in enumerate(convs, start=1):
+                yield from _conv((block, f'conv{c}'), f'{prefix}.conv{c}', shape)
+                yield from _bn((block, f'bn{c}'), f'{prefix}.bn{c}', shape[0])
+            cout = convs[-1][0]
+            # torchvision/timm project where the shape changes (option B): the first block
+            # of every stage except the first stage of a basic net (64 -> 64, stride 1).
+            if j == 0 and (cin != cout or i > 0):
+                yield from _conv((block, 'proj_conv'), f'{prefix}.downsample.0', (cout, cin, 1, 1))
+                yield from _bn((block, 'proj_bn'), f'{prefix}.downsample.1', cout)
+            cin = cout
+    yield 'fc.weight', ('params', 'head', 'kernel'), 'fc_weight', (num_classes, cin)
+    yield 'fc.bias', ('params', 'head', 'bias'), 'vec', (num_classes,)
 
 
 def _to_jax(value: np.ndarray, kind: str) -> np.ndarray:
@@ -145,26 +154,8 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def expected_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """torch key -> shape, from the model itself (jax.eval_shape: nothing is computed)."""
-    return dict(_expected_shapes(arch, num_classes))
-
-
-@functools.lru_cache(maxsize=32)
-def _expected_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
-    import jax
-    import jax.numpy as jnp
-
-    model = build_target(arch, num_classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                                train=False))
-    out = {}
-    for key, path, kind in correspondence(arch):
-        if path is None:
-            out[key] = ()
-        else:
-            leaf = _get(shapes, path)
-            out[key] = tuple(_to_torch(np.empty(leaf.shape, np.bool_), kind).shape)
-    return out
+    """torch key -> shape for ``arch`` with ``num_classes`` outputs."""
+    return {key: shape for key, _, _, shape in correspondence(arch, num_classes)}
 
 
 def num_classes_of(state_dict: Mapping[str, Any]) -> int:
@@ -222,7 +213,7 @@ def from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
     except ConversionError as e:
         raise ConversionError(_describe_mismatch(state_dict, arch, e)) from None
     variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
-    for key, path, kind in correspondence(arch):
+    for key, path, kind, _ in correspondence(arch):
         if path is not None:
             value = np.asarray(state_dict[key], dtype=np.float32)
             _set(variables, path, np.ascontiguousarray(_to_jax(value, kind)))
@@ -237,7 +228,7 @@ def to_state_dict(variables: Mapping[str, Any], arch: str) -> dict[str, np.ndarr
     """
     used = set()
     out: dict[str, np.ndarray] = {}
-    for key, path, kind in correspondence(arch):
+    for key, path, kind, _ in correspondence(arch):
         if path is None:
             out[key] = np.zeros((), np.int64)
             continue

@@ -296,7 +296,8 @@ def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
 
 
 def init_variables_from(path: str | os.PathLike, target_variables: Mapping[str, Any], *,
-                        log: Callable[[str], None] = log.info) -> dict[str, Any]:
+                        log: Callable[[str], None] = log.info,
+                        model: models.ResNet | None = None) -> dict[str, Any]:
     """Initialises a new run's ``{'params', 'batch_stats'}`` from ``path`` (config.init_from).
 
     ``path``: a converted checkpoint directory, a training workdir (or its checkpoints/),
@@ -304,12 +305,18 @@ def init_variables_from(path: str | os.PathLike, target_variables: Mapping[str, 
     ``target_variables``: the freshly initialised variables of the new model (arrays with
     their shardings); the result has the same structure, dtypes and shardings. A classifier
     of another size keeps its fresh initialisation (``log`` says so); any other difference
-    raises ConversionError naming the first variable.
+    raises ConversionError naming the first variable. ``model``: the new model; when given,
+    fields that change what the weights mean without changing their shapes (the stride
+    position of a bottleneck, BN epsilon, ...) must equal those of the recorded source
+    model (a torchvision ResNet-50 has ``stride_on_3x3=True``; this project's default is False).
     """
     variables, record = load_variables(path)
     if record is not None:
         log(f'init_from {path}: weights of {record.get("model")} '
             f'({record.get("arch") or record.get("source")})')
+        if model is not None:
+            check_same_meaning(_build(record, {}, Path(path)), model, f'init_from {path}',
+                               'the new model')
     return match_variables(variables, target_variables, origin=f'init_from {path}', log=log)
 
 
@@ -332,16 +339,24 @@ def export_state_dict(path: str | os.PathLike, arch: str | None = None
     classes = int(np.shape(variables['params']['head']['bias'])[0])
     target = layout.build_target(arch, classes)
     if record is not None:
-        for field in _SEMANTIC_FIELDS:
-            mine, theirs = getattr(model, field), getattr(target, field)
-            if field == 'stride_on_3x3' and models.network.block_class(model.block_cls).expansion == 1:
-                continue  # basic blocks have no 1x1 conv: the field does not apply
-            if (tuple(mine) if isinstance(mine, (list, tuple)) else mine) != (
-                    tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-                raise ConversionError(f'{path}: the model has {field}={mine!r}, but {arch} in '
-                                      f'torch has {field}={theirs!r}; its weights would mean '
-                                      'something else there')
-        if models.network.block_class(model.block_cls) is not models.network.block_class(target.block_cls):
-            raise ConversionError(f'{path}: the model uses {model.block_cls.__name__}, {arch} '
-                                  f'uses {target.block_cls.__name__}')
+        check_same_meaning(model, target, f'{path}', f'{arch} in torch')
     return layout.to_state_dict(variables, arch), arch
+
+
+def check_same_meaning(source: models.ResNet, target: models.ResNet, source_name: str,
+                       target_name: str) -> None:
+    """Refuses two models whose weights have equal shapes but mean different things."""
+    src_block = models.network.block_class(source.block_cls)
+    dst_block = models.network.block_class(target.block_cls)
+    if src_block is not dst_block:
+        raise ConversionError(f'{source_name} uses {src_block.__name__} blocks, {target_name} '
+                              f'uses {dst_block.__name__}')
+    for field in _SEMANTIC_FIELDS:
+        if field == 'stride_on_3x3' and src_block.expansion == 1:
+            continue  # basic blocks have no 1x1 conv: the field does not apply
+        mine, theirs = getattr(source, field), getattr(target, field)
+        if isinstance(mine, (list, tuple)):
+            mine, theirs = tuple(mine), tuple(theirs)
+        if mine != theirs:
+            raise ConversionError(f'{source_name} has {field}={mine!r}, but {target_name} has '
+                                  f'{field}={theirs!r}; the weights would mean something else there')
