@@ -308,3 +308,42 @@ def test_resume_trims_tensorboard_like_metrics_jsonl(tmp_path):
     steps = _event_steps(tf, tmp_path / "tensorboard" / "train")
     assert steps == [(5, "loss", 5.0), (10, "loss", 10.0), (15, "loss", 15.5), (20, "loss", 20.5)]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"] == [5, 10, 15, 20]
+
+
+def test_every_process_raises_the_error_of_the_first_failed_one(tmp_path, monkeypatch):
+    """Two processes simulated in one: process 0 (elsewhere) refused the config, this one
+    (process 1) passed its own checks; it must raise process 0's error, not go on."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from resnet_jax.train import workdir as workdir_lib
+
+    message = "config.json was written by a run with a different config; ... é"
+    theirs = message.encode("utf-8")
+    calls = []
+
+    def allgather(x):  # row 0: the other process's verdict, row 1: ours
+        x = np.asarray(x)
+        calls.append(x.copy())
+        if len(calls) == 1:
+            return np.stack([np.array([1, len(theirs)], np.int32), x])
+        other = np.zeros_like(x)
+        other[:len(theirs)] = np.frombuffer(theirs, np.uint8)
+        return np.stack([other, x])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        workdir_lib.prepare_workdir(tmp_path / "w", {"a": 1}, allow_config_change=False, ignore_keys=set())
+    assert str(error.value) == message
+    assert calls[0].tolist() == [0, 0] and len(calls) == 2  # we had no error of our own
+    assert not (tmp_path / "w" / "config.json").exists()  # process 1 never writes it
+
+    # Nobody failed: one exchange of verdicts, no second one, and no error.
+    calls.clear()
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: calls.append(x) or np.stack([np.asarray(x)] * 2))
+    assert workdir_lib.prepare_workdir(tmp_path / "w", {"a": 1}, allow_config_change=False,
+                                       ignore_keys=set()) == tmp_path / "w"
+    assert len(calls) == 1

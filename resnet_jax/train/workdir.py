@@ -241,10 +241,14 @@ def prepare_workdir(
 ) -> Path:
     """Creates and checks `workdir`; returns its absolute path.
 
+    Every process of a multi-process run must call it (after `jax.distributed.initialize`):
+    when any process fails a check, all of them raise the same error before any other
+    collective, instead of the others waiting for one that has stopped.
+
     Checks, in order: the directory can be created, a file can really be written in
     it, it has `min_free_bytes` free. Then, on the primary process only (others would
-    race on config.json; `is_primary` defaults to `jax.process_index() == 0`, so call
-    this after `jax.distributed.initialize`): writes config.json on a first run, or
+    race on config.json; `is_primary` defaults to `jax.process_index() == 0`): writes
+    config.json on a first run, or
     compares it with `config_json` on a resume and raises `WorkdirError` listing the
     differing keys (dotted paths; `ignore_keys` and everything below them are exempt)
     unless `allow_config_change`, in which case the old file is kept as
@@ -252,21 +256,64 @@ def prepare_workdir(
     caller's spelling of that switch, quoted in the error.
     """
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
-    _make_dir(path)
-    _check_writable(path)
-    _check_free_space(path, min_free_bytes)
     if is_primary is None:
         is_primary = jax.process_index() == 0
-    if is_primary:
-        try:
-            config = to_json_compatible(config_json)
-        except ValueError as e:
-            raise ValueError(f"config_json cannot be stored as {CONFIG_FILE}: {e}") from e
-        _reconcile_config(
-            path / CONFIG_FILE,
-            config,
-            allow_config_change=allow_config_change,
-            ignore_keys=ignore_keys,
-            override_hint=override_hint,
-        )
+    failure: Exception | None = None
+    try:
+        _make_dir(path)
+        _check_writable(path)
+        _check_free_space(path, min_free_bytes)
+        if is_primary:
+            try:
+                config = to_json_compatible(config_json)
+            except ValueError as e:
+                raise ValueError(f"config_json cannot be stored as {CONFIG_FILE}: {e}") from e
+            _reconcile_config(
+                path / CONFIG_FILE,
+                config,
+                allow_config_change=allow_config_change,
+                ignore_keys=ignore_keys,
+                override_hint=override_hint,
+            )
+    except (ValueError, OSError) as e:  # WorkdirError is a ValueError
+        failure = e
+    _raise_agreed(failure)
     return path
+
+
+# Error classes a process's verdict can carry to the others, by code (0: no error).
+_VERDICT_CLASSES: tuple[type[Exception], ...] = (WorkdirError, ValueError, OSError)
+
+
+def _raise_agreed(failure: Exception | None) -> None:
+    """Raises the same error on every process when any process failed its checks.
+
+    The checks are local (this process's disk) or made by process 0 alone (config.json),
+    but a process that stopped alone would leave the others waiting in their next
+    collective until JAX's coordination timeout. So every process, failed or not, takes
+    part in one exchange of verdicts (two all-gathers: lengths, then the messages), and
+    all raise the error of the lowest-numbered failed process, with the same class and
+    text; a process raises its own exception object when it is that process.
+    """
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return
+    from jax.experimental import multihost_utils  # only multi-process runs need it
+
+    code = 0 if failure is None else next(
+        i + 1 for i, cls in enumerate(_VERDICT_CLASSES) if isinstance(failure, cls))
+    message = b"" if failure is None else str(failure).encode("utf-8")
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([code, len(message)], np.int32)))
+    failed = np.flatnonzero(lengths[:, 0])
+    if not failed.size:
+        return
+    width = max(1, int(lengths[:, 1].max()))  # no zero-size collective
+    padded = np.zeros(width, np.uint8)
+    padded[: len(message)] = np.frombuffer(message, np.uint8)
+    messages = np.asarray(multihost_utils.process_allgather(padded))
+    first = int(failed[0])
+    if first == jax.process_index():
+        raise failure
+    text = bytes(messages[first, : lengths[first, 1]]).decode("utf-8")
+    raise _VERDICT_CLASSES[lengths[first, 0] - 1](text)
