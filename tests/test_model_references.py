@@ -15,10 +15,9 @@ import _torch_reference as ref
 from _configs import ROOT
 from resnet_jax import summary
 from resnet_jax.models import (BasicBlock, Bottleneck, GhostBatchNorm, PlainBlock, PlainBottleneck,
-                               PreActBasicBlock, PreActBottleneck, build_model, count_params)
+                               PreActBasicBlock, PreActBottleneck, build_model)
 
 KEY = jax.random.key(0, impl='rbg')
-torch.set_num_threads(1)  # tiny tensors; threads only add contention on shared CI cores
 
 
 def random_variables(init_fn, seed):
