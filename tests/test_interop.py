@@ -237,6 +237,19 @@ def test_a_pickle_carrying_code_is_refused_without_running_it(tmp_path):
     assert not (tmp_path / "MARK").exists()
 
 
+def test_timm_resnet26_file_round_trips_through_a_checkpoint(tmp_path):
+    """ResNet-26 is not in the depth table: the record rebuilds it from resnet50's family."""
+    net = timm.create_model("resnet26")
+    torch.save(net.state_dict(), tmp_path / "r26.pth")
+    assert convert.main([str(tmp_path / "r26.pth"), str(tmp_path / "conv")]) == 0
+    model, variables = resnet_jax.pretrained(tmp_path / "conv")
+    assert tuple(model.stage_sizes) == (2, 2, 2, 2) and model.stride_on_3x3
+    assert "stage4_block3" not in variables["params"] and "conv3" in variables["params"]["stage4_block2"]
+    assert convert.main([str(tmp_path / "conv"), str(tmp_path / "back.safetensors")]) == 0
+    from safetensors.torch import load_file
+    timm.create_model("resnet26").load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
+
+
 def test_timm_deep_stem_variants_are_refused_by_name(tmp_path):
     with pytest.raises(ConversionError, match=r"'resnet50d'.*'d'.*deep stem"):
         layout.parse_arch("timm:resnet50d")

@@ -73,9 +73,16 @@ def build_target(arch: str, num_classes: int = 1000, **overrides: Any) -> models
 
 
 def model_name(arch: str) -> str:
-    """The project's model name for ``arch`` (build_model name; resnet26 is resnet50-shaped)."""
+    """The build_model name for ``arch``: resnetN, except timm's ResNet-26, which the depth
+    table lacks: 'resnet50' with ``stage_sizes=(2, 2, 2, 2)`` (see :func:`build_target`)."""
     _, depth = parse_arch(arch)
-    return f'resnet{depth}'
+    return 'resnet50' if depth == 26 else f'resnet{depth}'
+
+
+def canonical_arch(arch: str) -> str:
+    """'resnet50' -> 'torchvision:resnet50', 'timm:resnet26.bt_in1k' -> 'timm:resnet26'."""
+    source, depth = parse_arch(arch)
+    return f'{source}:resnet{depth}'
 
 
 def _conv(jax_path: tuple[str, ...], torch_key: str, shape: tuple[int, ...]):

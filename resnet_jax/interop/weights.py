@@ -80,9 +80,8 @@ def convert_file(path: str | os.PathLike, arch: str | None = None
         raise ConversionError(f'{path}: {e}') from None
     classes = layout.num_classes_of(state_dict)
     model = layout.build_target(arch, classes)
-    source, _ = layout.parse_arch(arch)
     record = {'format': FORMAT, 'model': layout.model_name(arch),
-              'model_overrides': _overrides(model), 'arch': f'{source}:{layout.model_name(arch)}',
+              'model_overrides': _overrides(model), 'arch': layout.canonical_arch(arch),
               'source': {'file': path.name, 'sha256': _sha256(path), 'read': note}}
     return model, variables, record
 
