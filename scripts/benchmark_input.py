@@ -22,7 +22,6 @@ Prints one JSON object. Needs TensorFlow (the `[tf]` extra).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -31,8 +30,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "imagenet-samples"

@@ -7,7 +7,6 @@ image, the samples' manifest labels, and tfds' mock data.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
