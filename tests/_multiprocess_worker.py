@@ -5,6 +5,7 @@ JAX is imported, so each device count needs its own process; the parent sets it 
 passes one JSON job description as argv[1]:
 
   {"mode": "train", "runs": [{"workdir": ..., "overrides": {...}, "out": "x.npz"}, ...],
+   (a run may add "expect": "WorkdirError", "error_out": "path": see train())
    "hlo": "path.txt" (optional), "local_batch": "path.npz" (optional)}
   {"mode": "restore", "workdir": ..., "overrides": {...}, "out": "x.npz"}
   {"mode": "initialize", "distributed": {...}, "timeout_s": 20}
@@ -67,15 +68,17 @@ def build_state(config):
 
 
 def dump_hlo(config, path: str) -> None:
-    """The optimised HLO of one train step as the trainer compiles it."""
+    """The optimised HLO of one train step as the trainer compiles it on CPU (to `path`),
+    and of the fused `lax.scan` of two steps that GPUs and TPUs run (to `path` + ".scan")."""
     mesh, state = build_state(config)
     data = cifar.load_cifar10("binary", str(CIFAR_DIR), validation_size=0)
     device_data = feeding.put_on_devices(data, mesh, config.dataset.normalization, config.dataset.train_subset,
                                          config.dataset.eval_subset)
     chunk = feeding.TrainChunk(steps.train_step, mesh, seed=0, pad=4, flip=True, fuse=False)
-    idx = batching.train_indices(0, 0, 1, config.batch_size, device_data.train.size)
+    idx = batching.train_indices(0, 0, 2, config.batch_size, device_data.train.size)
     idx = parallel.host_to_global(idx, parallel.batch_sharded(mesh, axis=1))
     Path(path).write_text(chunk._step.lower(state, device_data, idx[0]).compile().as_text())
+    Path(path + ".scan").write_text(chunk._scan.lower(state, device_data, idx).compile().as_text())
 
 
 def local_batch_sum(path: str) -> None:
@@ -96,8 +99,17 @@ def train(job: dict) -> None:
     captured = capture_saves()
     for run in job["runs"]:
         config = tiny_config(CIFAR_DIR, **run["overrides"])
-        loop.train_and_evaluate(config, run["workdir"])
-        if parallel.is_main_process():
+        try:
+            loop.train_and_evaluate(config, run["workdir"])
+        except Exception as e:
+            # A run may be meant to fail ("expect": class name): each process records what it
+            # raised (to "<error_out>.<process index>.json") and goes on with the next run.
+            if type(e).__name__ != run.get("expect"):
+                raise
+            Path(f"{run['error_out']}.{jax.process_index()}.json").write_text(
+                json.dumps({"error": type(e).__name__, "message": str(e)}))
+            continue
+        if parallel.is_main_process() and run.get("out"):
             np.savez(run["out"], step=captured["step"], **flat_arrays(captured["state"]))
     if job.get("hlo"):
         dump_hlo(tiny_config(CIFAR_DIR, **job["runs"][0]["overrides"]), job["hlo"])

@@ -52,14 +52,21 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 def run(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | None = None,
-        term_when: Callable[[], bool] | None = None, timeout: float = 120) -> tuple[int, str]:
-    """Runs `cmd`; sends SIGKILL (or SIGTERM) the moment the condition holds. -> (rc, stderr)."""
+        term_when: Callable[[], bool] | None = None, timeout: float = 120,
+        while_frozen: Callable[[], None] | None = None) -> tuple[int, str]:
+    """Runs `cmd`; sends SIGKILL (or SIGTERM) the moment the condition holds. -> (rc, stderr).
+
+    A kill is preceded by SIGSTOP, which freezes the process where it is; `while_frozen`
+    then sees the workdir exactly as the kill leaves it."""
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True) as proc:
         deadline = time.monotonic() + timeout
         if kill_when or term_when:
             while proc.poll() is None and time.monotonic() < deadline:
                 if kill_when and kill_when():
+                    proc.send_signal(signal.SIGSTOP)
+                    if while_frozen:
+                        while_frozen()
                     proc.kill()
                     break
                 if term_when and term_when():
@@ -119,14 +126,23 @@ def test_kill_9_at_several_points_then_rerun_ends_bit_identical(reference, cifar
     assert rc == KILLED, err[-2000:]
     # Step 4's manifest is written when the next save starts: it was restored unverified.
     assert "resuming at step 4" in err and "checkpoint step 4" in err and "cannot be verified" in err
-    # After the final step's checkpoint, before results.json (if the poll is quick enough).
-    rc, err = run(cmd, env, kill_when=lambda: (ckpt / "16").is_dir())
-    assert rc in (KILLED, 0), err[-2000:]
+    # After the final step's checkpoint, before results.json: frozen the moment step 16 is
+    # committed (the process cannot exit while stopped, so the kill certainly lands). The
+    # rare poll that comes too late to beat results.json has its file removed while the
+    # process is frozen, so the rerun always faces the state this case names.
+    rc, err = run(cmd, env, kill_when=lambda: (ckpt / "16").is_dir(),
+                  while_frozen=lambda: (workdir / "results.json").unlink(missing_ok=True))
+    assert rc == KILLED, err[-2000:]
+    assert (ckpt / "16").is_dir() and not (workdir / "results.json").exists()
     rc, err = run(cmd, env)
     assert rc == 0, err[-2000:]
 
     results = json.loads((workdir / "results.json").read_text())
-    assert results["steps"] == 16
+    assert results["steps"] == 16 and results["resumed_from"] == 16 and results["steps_this_run"] == 0
+    # The rerun takes the final error from metrics.jsonl's evaluation of step 16 (which the
+    # killed run wrote before its last save), not from a second evaluation.
+    final_eval = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
+    assert final_eval["step"] == 16 and results["final_error"] == final_eval["error"]
     assert_same_final_state(reference, workdir)
     assert_metrics_once_each(workdir)
     assert not [p for p in ckpt.iterdir() if "tmp" in p.name], "a temporary save folder was left behind"
@@ -208,6 +224,54 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_pa
     step, items = final_arrays(workdir)
     assert step == good
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(items) if np.issubdtype(x.dtype, np.inexact))
+
+
+# Run through the real command line with the train step wrapped from outside: from step 6
+# on, every BatchNorm running variance is overwritten with +inf. The loss (computed with
+# batch statistics), the gradient norm and the parameter norm all stay finite, so only the
+# check of the whole state at a save (step 8) can see it.
+_POISON_BN_STATS = """
+import sys
+import jax
+import jax.numpy as jnp
+from absl import app
+from resnet_jax import main
+from resnet_jax.train import steps
+
+real_train_step = steps.train_step
+
+def poisoned(state, batch, **kwargs):
+    state, metrics = real_train_step(state, batch, **kwargs)
+    bad = state.step >= 6
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.where(bad, jnp.inf, v) if path[-1].key == "var" else v, state.batch_stats)
+    return state.replace(batch_stats=stats), metrics
+
+steps.train_step = poisoned
+sys.argv = ["resnet_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def test_nonfinite_state_at_a_save_exits_3_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, env):
+    workdir = tmp_path / "overflowed"
+    cmd = cli_command(workdir, cifar_dir)
+    cmd = [sys.executable, "-c", _POISON_BN_STATS] + cmd[cmd.index("--config"):]
+    rc, err = run(cmd, env)
+    assert rc == 3, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: training diverged at step 8 (loss and norms finite, but the state holds NaN "
+                           "or infinite values"), line
+    assert "last good checkpoint (step 4)" in line
+    ckpt = workdir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4]
+    manifest = json.loads((ckpt / "manifests" / "4.json").read_text())
+    assert verify_files(ckpt / "4", manifest["files"]) == []
+    step, items = final_arrays(workdir)
+    assert step == 4 and all(np.isfinite(x).all() for x in jax.tree.leaves(items)
+                             if np.issubdtype(x.dtype, np.inexact))
+    train = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [4, 8] and all(np.isfinite(r["loss"]) for r in train)
 
 
 def test_different_config_refused_in_one_line_unless_allowed(reference, cifar_dir, tmp_path, env):
