@@ -8,6 +8,7 @@ import pytest
 
 from _configs import tiny_config
 from _workdirs import final_arrays
+from resnet_jax.data import augment, cifar
 from resnet_jax.train import feeding, loop
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.config import ConfigError
@@ -16,11 +17,12 @@ from resnet_jax.train.metrics import read_metrics
 
 @pytest.fixture(scope="module")
 def trained(cifar_dir, tmp_path_factory):
-    """300 steps of ResNet-8 on 2,048 real training images, evaluated on 500 test images."""
+    """300 steps of ResNet-8 on 2,048 real training images, evaluated on 500 test images in
+    batches of 96, so that the last batch is padded (20 real images, 76 masked)."""
     workdir = tmp_path_factory.mktemp("trained")
     config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
                          steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
-                         checkpoint_every_steps=150, optimizer__learning_rate=0.1)
+                         checkpoint_every_steps=150, optimizer__learning_rate=0.1, eval_batch_size=96)
     results = loop.train_and_evaluate(config, str(workdir))
     return workdir, results
 
@@ -51,10 +53,35 @@ def test_rerunning_a_finished_run_trains_no_further(trained, cifar_dir):
     workdir, results = trained
     config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
                          steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
-                         checkpoint_every_steps=150, optimizer__learning_rate=0.1)
+                         checkpoint_every_steps=150, optimizer__learning_rate=0.1, eval_batch_size=96)
     again = loop.train_and_evaluate(config, str(workdir))
     assert again["steps_this_run"] == 0 and again["resumed_from"] == 300
     assert again["final_error"] == results["final_error"]
+
+
+def test_padded_eval_batches_count_each_test_image_once(trained, cifar_dir):
+    """The recorded test loss and error equal a direct computation over the 500 images at once."""
+    workdir, results = trained
+    step, items = final_arrays(workdir)
+    config = tiny_config(cifar_dir)
+    data = cifar.load_cifar10("binary", str(cifar_dir), validation_size=0)
+    mean, std = augment.normalization_stats(data.train_images[:2048], config.dataset.normalization)
+    images = (data.test_images[:500].astype(np.float64) / 255.0 - mean) / std  # as augment.normalize
+    model = loop.build_model(config, 10)
+    logits = np.asarray(model.apply({"params": items["params"], "batch_stats": items["batch_stats"]},
+                                    images.astype(np.float32), train=False), np.float64)
+    labels = np.asarray(data.test_labels[:500])
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    loss = -np.mean(log_probs[np.arange(500), labels])
+    wrong = int(np.sum(logits.argmax(axis=1) != labels))
+
+    record = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
+    assert step == record["step"] == 300 and record["count"] == 500
+    # Batches of 96 and one of 500 round differently; an argmax could flip only on a near tie.
+    assert abs(record["error"] * 500 - wrong) <= 1
+    assert abs(record["loss"] - loss) < 1e-4 * loss
+    assert results["final_error"] == record["error"]
 
 
 def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatch):
