@@ -6,9 +6,10 @@ r"""The CIFAR ResNet-20 train step on the CPU: this project (JAX/XLA:CPU) agains
 
 Prints JSON lines. `step` lines: images/s of one full train step (forward, backward, SGD
 with momentum and weight decay, BatchNorm in training mode) on one synthetic batch,
-for `jax` (the project's model and `steps.train_step`, one jitted call per step),
-`jax_gemm_weight_grad` (the same, with convolutions through `models.cpu_conv`, whose
-weight gradient is one im2col matrix product instead of XLA's convolution),
+for `jax` (the project's model and `steps.train_step`, one jitted call per step; on CPU
+its convolutions go through `models.cpu_conv`, whose weight gradient is one im2col
+matrix product), `jax_xla_conv` (the same with XLA's own convolution gradients, what the
+project did before),
 `torch_eager` (NCHW), `torch_channels_last` and, when asked, `torch_compile`. The
 candidates are timed in turns, `--repeats` rounds of `--steps` steps each, so a machine
 shared with other work slows all of them alike; medians are reported, and the `ratio`
@@ -63,24 +64,20 @@ def _cores() -> int:
 
 
 @contextlib.contextmanager
-def _conv_impl(gemm_weight_grad: bool) -> Any:
-    """Traces flax's convolutions through cpu_conv (its GEMM weight gradient) while active.
-
-    flax.linen.Conv looks `lax.conv_general_dilated` up when it is called, so replacing the
-    attribute for the duration of the trace is enough; cpu_conv keeps the original.
-    """
-    if not gemm_weight_grad:
+def _conv_impl(xla_conv: bool) -> Any:
+    """While active, the models trace XLA's own convolution on every backend (the reference)."""
+    if not xla_conv:
         yield
         return
-    original = jax.lax.conv_general_dilated
-    jax.lax.conv_general_dilated = cpu_conv.conv_general_dilated
+    original = cpu_conv.for_backend
+    cpu_conv.for_backend = lambda backend: None
     try:
         yield
     finally:
-        jax.lax.conv_general_dilated = original
+        cpu_conv.for_backend = original
 
 
-def jax_step(batch: int, depth: int, gemm_weight_grad: bool = False) -> tuple[Callable[[], Any], int]:
+def jax_step(batch: int, depth: int, xla_conv: bool = False) -> tuple[Callable[[], Any], int]:
     """One train step of the project's model, as the trainer compiles it (no augmentation)."""
     mesh = parallel.make_mesh()
     model = models.build_model(f"cifar_resnet{depth}")
@@ -89,7 +86,7 @@ def jax_step(batch: int, depth: int, gemm_weight_grad: bool = False) -> tuple[Ca
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32)),
             "label": jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))}
-    with _conv_impl(gemm_weight_grad):
+    with _conv_impl(xla_conv):
         step = jax.jit(steps.train_step, donate_argnums=(0,)).lower(state, data).compile()
     holder = {"state": state}
 
@@ -251,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     common = {"batch": args.batch, "depth": args.depth, "cores": _cores(), "jax": jax.__version__,
               "torch": getattr(torch, "__version__", None), "load_avg_1m": os.getloadavg()[0]}
     run, params = jax_step(args.batch, args.depth)
-    candidates = {"jax": run, "jax_gemm_weight_grad": jax_step(args.batch, args.depth, gemm_weight_grad=True)[0]}
+    candidates = {"jax": run, "jax_xla_conv": jax_step(args.batch, args.depth, xla_conv=True)[0]}
     if torch is not None:
         torch_candidates, torch_params = torch_steps(torch, args.batch, args.depth, args.torch_compile)
         assert torch_params == params, (torch_params, params)  # the same network on both sides

@@ -55,3 +55,28 @@ def test_in_a_flax_conv_and_the_fallback():
     dilated = cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC)
     np.testing.assert_array_equal(dilated, lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
                                                                     dimension_numbers=NHWC))
+
+
+def test_whole_model_gradients_equal_xla(monkeypatch):
+    from resnet_jax import models  # pylint: disable=import-outside-toplevel
+
+    model = models.build_model("cifar_resnet8")
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((8, 32, 32, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def grads():
+        def loss(params):
+            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                    mutable=["batch_stats"])
+            return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    assert cpu_conv.for_backend(jax.default_backend()) is cpu_conv.conv_general_dilated  # tests run on CPU
+    ours = grads()
+    monkeypatch.setattr(cpu_conv, "for_backend", lambda backend: None)  # XLA's convolution throughout
+    reference = grads()
+    for path, a in jax.tree_util.tree_leaves_with_path(ours):
+        b = dict(jax.tree_util.tree_leaves_with_path(reference))[path]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=str(path))

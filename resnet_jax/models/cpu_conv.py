@@ -91,3 +91,8 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
     grad = jnp.dot(cols.T, dy.reshape(-1, cout), precision=precision,
                    preferred_element_type=jnp.float32)
     return grad.reshape(kh, kw, cin, cout).astype(x.dtype)
+
+
+def for_backend(backend: str) -> Any:
+    """The convolution the models use on `backend`: this module's on CPU, XLA's (None) elsewhere."""
+    return conv_general_dilated if backend == "cpu" else None
