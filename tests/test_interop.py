@@ -153,6 +153,7 @@ def test_features_equal_torchvision_stages(images):
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory):
     """A randomised torchvision ResNet-18 (1000 classes) saved as a .pth."""
+    torch.manual_seed(18)  # the same weights whichever tests ran before
     net = randomise(torchvision.models.resnet18(), 18)
     path = tmp_path_factory.mktemp("r18") / "resnet18.pth"
     torch.save(net.state_dict(), path)
@@ -342,7 +343,8 @@ def test_converted_model_fine_tunes_on_cifar10_through_the_command_line(r18, cif
     assert run.returncode == 0, run.stderr[-3000:]
     assert "params/head/kernel (512, 1000) -> (512, 10)" in run.stderr
     losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
-    assert len(losses) == 4 and losses[-1] < 0.85 * losses[0]
+    # 3.27, 3.53, 2.91, 2.43 on CPU: the fresh head's first steps are noisy, then it learns.
+    assert len(losses) == 4 and losses[-1] < 0.85 * losses[0], losses
     # It started from the converted weights: after 40 steps the stem still correlates with
     # them (r was 0.23 here; an independent He initialisation gives |r| ~ 1/sqrt(9408) = 0.01).
     _, items = final_arrays(workdir)
