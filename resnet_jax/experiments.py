@@ -139,7 +139,7 @@ def _layer_responses(args: argparse.Namespace) -> int:
     for w in _trained_nets(args.workdirs) if args.workdirs else []:
         config, model, variables, step = probes.load_workdir(w)
         label, family, depth = _net_label(config)
-        sources.append((f'{label} (step {step})', family, depth, model, variables, step, str(w)))
+        sources.append((f'{label} (step {step})', family, depth, model, variables, step, w.name))
     for name in args.init:
         model = models.build_model(name)
         label = name.replace('cifar_', '')
@@ -173,7 +173,7 @@ def _gradient_flow(args: argparse.Namespace) -> int:
         variant = 'plain' if family == 'plain' else (
             'resnet_zero_init' if config['model'].get('zero_init_last') else 'resnet')
         data['nets'][f'{label} (step {step})'] = {'model': config['model']['name'], 'depth': depth,
-                                                  'variant': variant, 'checkpoint': str(w), **result}
+                                                  'variant': variant, 'checkpoint': w.name, **result}
     out = Path(args.out)
     _write_json(out / 'gradient_flow.json', data)
     (out / 'gradient_flow.md').write_text(gf.markdown_table(data))

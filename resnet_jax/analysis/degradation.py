@@ -156,7 +156,9 @@ def collect(names: Sequence[str], root: str | Path) -> dict[str, Any]:
             'best_error': results['best_error'] if results else None,
             'steps': results['steps'] if results else None,
             'wall_clock_s': results['wall_clock_s'] if results else None,
-            'hardware': results['hardware'] if results else None,
+            # The host name stays in the workdir; the figures' JSON goes into the repository.
+            'hardware': ({k: v for k, v in results['hardware'].items() if k != 'host'}
+                         if results and results.get('hardware') else None),
             'seed': config.get('seed'),
             'batch_size': config.get('batch_size'),
             'train_subset': config.get('dataset', {}).get('train_subset'),

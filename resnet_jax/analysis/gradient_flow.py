@@ -14,6 +14,7 @@ batch statistics, as in a training step).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+log = logging.getLogger(__name__)
 
 from resnet_jax.analysis.probes import block_interceptor
 
@@ -125,4 +128,5 @@ def sweep_at_init(depths: Sequence[int], variants: Sequence[str], images: Any, l
                 ' zero-init' if variant == 'resnet_zero_init' else '')
             nets[label] = {'model': name, 'depth': depth, 'variant': variant, 'checkpoint': None,
                            **result}
+            log.info('%s: |g_first| / |g_last| = %.3g', label, result['first_over_last'])
     return {'nets': nets, 'seed': seed, 'batch': int(np.shape(labels)[0])}
