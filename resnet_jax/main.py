@@ -15,13 +15,12 @@ rerun the same command to resume.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from resnet_jax.console import configure_logging
 from resnet_jax.data import DataError
 from resnet_jax.parallel import DistributedError
 from resnet_jax.train.checkpoint import CheckpointError
@@ -38,33 +37,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 # its message names the file.
 USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, DistributedError, OSError)
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 128 + 15
-
-
-class _PlainFormatter(logging.Formatter):
-    """The project's INFO lines as they are; anything louder says its level, without absl's prefix."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
-
-
-def configure_logging(detailed: bool) -> None:
-    """Quiet by default: resnet_jax's INFO lines and everyone's warnings, no prefixes.
-
-    `detailed` (the user gave --verbosity/-v): absl's format, every logger at absl's level.
-    """
-    root = logging.getLogger()
-    if detailed:
-        root.setLevel(absl_logging.get_absl_logger().getEffectiveLevel())
-        # orbax logs every save step by step at INFO through absl: its warnings only, still.
-        logging.getLogger("absl").setLevel(max(logging.WARNING, root.level))
-        return
-    # JAX's backend probing ("Unable to initialize backend 'tpu'") and other libraries'
-    # INFO lines stay out of the default console.
-    root.setLevel(logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("resnet_jax").setLevel(logging.INFO)
-    absl_logging.get_absl_handler().setFormatter(_PlainFormatter("%(message)s"))
 
 
 def main(argv: list[str]) -> None:

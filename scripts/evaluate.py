@@ -17,7 +17,6 @@ eval_<protocol>.json, or only stdout for --checkpoint).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 
@@ -28,6 +27,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from resnet_jax import models, parallel
+from resnet_jax.console import configure_logging
 from resnet_jax.data import DataError
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
@@ -66,8 +66,10 @@ def model_name() -> str:
 def evaluate(config, path: str) -> dict:
     config_lib.check_fields(config)
     mesh = parallel.make_mesh()
-    info = sources.describe(config)
-    config_lib.validate(config, num_devices=mesh.devices.size, sizes=(info.num_train, info.num_eval))
+    if config.eval_batch_size % mesh.devices.size:
+        raise config_lib.ConfigError(f"config field eval_batch_size = {config.eval_batch_size} does not divide "
+                                     f"by the {mesh.devices.size} devices")
+    info = sources.describe(config, splits=("eval",))  # the training data need not be there
     model = loop.build_model(config, info.num_classes)
     try:
         variables, _ = weights.load_variables(path)
@@ -102,7 +104,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if (_WORKDIR.value is None) == (_CHECKPOINT.value is None):
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    configure_logging(detailed=flags.FLAGS["verbosity"].present)
     config = _CONFIG.value
     if _PROTOCOL.value:
         if "eval_protocol" not in config.dataset:

@@ -245,7 +245,8 @@ class _Run:
                      "%d devices, %d processes; %s", c.model.name, f"{self.num_params:,}", d.total_steps,
                      c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate, self.mesh.devices.size,
                      jax.process_count(),
-                     f"resuming at step {self.start_step}" if self.start_step else "starting from scratch")
+                     f"resuming at step {self.start_step}" if self.start_step else
+                     f"starting from the weights of {c.init_from}" if c.init_from else "starting from scratch")
         self.compile_s = (self.source.compile(self.state, self.step, self._chunk_size())
                           if self.step < self.total else 0.0)
         self.progress = Progress(total=self.total, initial=self.start_step, enabled=self.main)
@@ -325,18 +326,23 @@ class _Run:
         self.checkpointer.close()
 
     def results(self) -> dict[str, Any]:
-        if not self.evals or self.evals[-1][0] != self.step:
-            # Resumed a finished run whose metrics.jsonl is gone (or not on this process):
-            # evaluate again, without writing a second record for this step.
+        # Resumed a finished run whose metrics.jsonl lacks the final evaluation: evaluate
+        # again, without writing a second record for this step. Only process 0 reads
+        # metrics.jsonl, and evaluating is collective, so all follow its decision.
+        again = not self.evals or self.evals[-1][0] != self.step
+        if jax.process_count() > 1:
+            again = bool(multihost_utils.broadcast_one_to_all(np.int32(again)))
+        if again:
             self.evals.append((self.step, self.evaluate(write=False)["error"]))
-        best_step, best_error = min(self.evals, key=lambda e: e[1])
+        # The other processes hold no history: their results carry the final step only.
+        best_step, best_error = min(self.evals, key=lambda e: e[1]) if self.evals else (self.step, None)
         steps_run = self.step - self.start_step
         return {
             "model": self.config.model.name,
             "dataset": self.config.dataset.name,
             "params": self.num_params,
             "eval_split": self.info.eval_split,
-            "final_error": self.evals[-1][1],
+            "final_error": self.evals[-1][1] if self.evals else None,
             "best_error": best_error,
             "best_step": best_step,
             "steps": self.step,

@@ -63,8 +63,11 @@ class DataSource(Protocol):
     def evaluate(self, state: TrainState) -> dict[str, Any]: ...
 
 
-def describe(config: ml_collections.ConfigDict) -> DatasetInfo:
-    """Sizes, classes and input shape of `config.dataset`; DataError if the data is missing."""
+def describe(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("train", "eval")) -> DatasetInfo:
+    """Sizes, classes and input shape of `config.dataset`; DataError if the data is missing.
+
+    `splits`: which must be there (an evaluation needs no training set; its size is then 0).
+    """
     d = config.dataset
     if d.name in config_lib.CIFAR_DATASETS:
         num_train, num_eval = config_lib.dataset_sizes(config)  # CIFAR's follow from the config
@@ -74,9 +77,9 @@ def describe(config: ml_collections.ConfigDict) -> DatasetInfo:
     from resnet_jax.data import imagenet
 
     spec = imagenet_spec(d)
-    imagenet.check(spec)
-    return DatasetInfo(imagenet.num_examples(spec, spec.train_split),
-                       imagenet.num_examples(spec, spec.eval_split),
+    imagenet.check(spec, splits=splits)
+    return DatasetInfo(imagenet.num_examples(spec, "train") if "train" in splits else 0,
+                       imagenet.num_examples(spec, "eval"),
                        len(imagenet.class_names(spec)), (d.image_size, d.image_size, 3), "validation")
 
 
