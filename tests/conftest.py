@@ -4,6 +4,12 @@ from pathlib import Path
 
 import pytest
 
+# torch and torchvision before anything imports TensorFlow: imported the other way round
+# in one process, torchvision's import (triton) crashes the interpreter (torch 2.14.1,
+# torchvision 0.29.1, tensorflow-cpu 2.21, checked on 2026-11-29). The suite needs both.
+import torch  # noqa: E402,F401  isort: skip
+import torchvision  # noqa: E402,F401  isort: skip
+
 # The shared datasets sit beside the checkout (<repo>/../shared), on every
 # developer machine and in CI; derived from this file so no machine path is baked in.
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
