@@ -25,7 +25,7 @@ from resnet_jax.analysis.probes import conv3x3_bn_interceptor
 
 
 def _moments_fn(model: nn.Module, train: bool, order: list[str]):
-    """A jitted (variables, images) -> [(sum, sum of squares, count) per layer]; ``order``
+    """A jitted (variables, images) -> [(mean, squared deviations, count) per layer]; ``order``
     receives the layer paths while tracing (a list keeps them in call order, where a
     dict returned from jit would come back with its keys sorted)."""
 
@@ -38,7 +38,10 @@ def _moments_fn(model: nn.Module, train: bool, order: list[str]):
             y = y.astype(jnp.float32)
             axes = tuple(range(y.ndim - 1))
             order.append(path)
-            stats.append((jnp.sum(y, axis=axes), jnp.sum(jnp.square(y), axis=axes),
+            # Centred within the batch: E[y^2] - E[y]^2 in float32 cancels badly when a
+            # response's mean is large against its spread (as running statistics allow).
+            mean = jnp.mean(y, axis=axes)
+            stats.append((mean, jnp.sum(jnp.square(y - mean), axis=axes),
                           jnp.asarray(np.prod(y.shape[:-1]), jnp.float32)))
 
         with nn.intercept_methods(conv3x3_bn_interceptor(on_response)):
@@ -55,7 +58,7 @@ def layer_responses(model: nn.Module, variables: Mapping[str, Any], images: Any,
                     batch_size: int = 500, train: bool = False) -> list[dict[str, Any]]:
     """[{'layer': 'stage1_block1/bn1', 'std': ..., 'channel_std': [...]}, ...] in layer order.
 
-    Moments are summed over batches of ``batch_size`` in float64, so the result does not
+    Moments are merged over batches of ``batch_size`` in float64, so the result does not
     depend on the batch size in evaluation mode. With ``train=True`` every batch is
     normalised with its own statistics, so use a single batch there.
     """
@@ -64,18 +67,23 @@ def layer_responses(model: nn.Module, variables: Mapping[str, Any], images: Any,
         raise ValueError(f'batch_size={batch_size} must be positive')
     order: list[str] = []
     moments = _moments_fn(model, train, order)
-    sums: dict[str, list[np.ndarray]] = {}
+    # Per layer: (count, mean, sum of squared deviations), merged over batches in float64
+    # (Chan et al.'s pairwise update), so the result does not depend on the batch size.
+    acc: dict[str, tuple[float, np.ndarray, np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         stats = jax.device_get(moments(variables, jnp.asarray(images[start:start + batch_size])))
-        for path, (s, sq, n) in zip(order, stats):
-            acc = sums.setdefault(path, [0.0, 0.0, 0.0])
-            acc[0] = acc[0] + np.asarray(s, np.float64)
-            acc[1] = acc[1] + np.asarray(sq, np.float64)
-            acc[2] = acc[2] + float(n)
+        for path, (m, m2, n) in zip(order, stats):
+            m, m2, n = np.asarray(m, np.float64), np.asarray(m2, np.float64), float(n)
+            if path not in acc:
+                acc[path] = (n, m, m2)
+                continue
+            na, ma, m2a = acc[path]
+            delta = m - ma
+            total = na + n
+            acc[path] = (total, ma + delta * n / total, m2a + m2 + delta ** 2 * na * n / total)
     layers = []
-    for path, (s, sq, n) in sums.items():  # insertion order = call order = layer order
-        mean = s / n
-        channel_std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
+    for path, (n, _, m2) in acc.items():  # insertion order = call order = layer order
+        channel_std = np.sqrt(m2 / n)
         layers.append({'layer': path, 'std': float(channel_std.mean()),
                        'channel_std': [float(v) for v in channel_std]})
     return layers
