@@ -38,7 +38,7 @@ from resnet_jax import models, parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
-from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
+from resnet_jax.train.metrics import MetricsWriter, Progress, describe_devices, read_metrics
 from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
 from resnet_jax.train.workdir import atomic_write_json, prepare_workdir
@@ -241,10 +241,9 @@ class _Run:
     def start(self) -> None:
         c, d = self.config, self.derived
         if self.main:
-            log.info("%s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; "
-                     "%d devices, %d processes; %s", c.model.name, f"{self.num_params:,}", d.total_steps,
-                     c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate, self.mesh.devices.size,
-                     jax.process_count(),
+            log.info("%s on %s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; "
+                     "%s", c.model.name, describe_devices(self.mesh.devices.flat), f"{self.num_params:,}",
+                     d.total_steps, c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate,
                      f"resuming at step {self.start_step}" if self.start_step else
                      f"starting from the weights of {c.init_from}" if c.init_from else "starting from scratch")
         self.compile_s = (self.source.compile(self.state, self.step, self._chunk_size())
