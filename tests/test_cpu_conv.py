@@ -80,3 +80,28 @@ def test_whole_model_gradients_equal_xla(monkeypatch):
     for path, a in jax.tree_util.tree_leaves_with_path(ours):
         b = dict(jax.tree_util.tree_leaves_with_path(reference))[path]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=str(path))
+
+
+@pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_weight_grad_in_pieces_equals_the_whole_batch(monkeypatch, stride, pads):
+    """Cache-sized pieces (strided over the batch) sum to the whole batch's gradient and XLA's."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((8, 10, 10, 4), np.float32))
+    out = 10 // stride
+    dy = jnp.asarray(rng.standard_normal((8, out, out, 6), np.float32))
+
+    def grad():  # a new function each time: jit's trace cache does not see PIECE_BYTES
+        return jax.jit(lambda x, dy: cpu_conv.weight_grad(x, dy, (3, 3, 4, 6), (stride, stride), pads))
+
+    monkeypatch.setattr(cpu_conv, "PIECE_BYTES", 1 << 40)
+    assert "while" not in grad().lower(x, dy).as_text()
+    whole = grad()(x, dy)
+    monkeypatch.setattr(cpu_conv, "PIECE_BYTES", 1)  # one image per piece: 8 pieces
+    assert "while" in grad().lower(x, dy).as_text()
+    pieces = grad()(x, dy)
+    _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=NHWC),
+                     jnp.zeros((3, 3, 4, 6), jnp.float32))
+    (reference,) = vjp(dy)
+    scale = float(jnp.abs(reference).max())
+    np.testing.assert_allclose(np.asarray(pieces), np.asarray(whole), rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(pieces), np.asarray(reference), rtol=1e-5, atol=1e-5 * scale)
