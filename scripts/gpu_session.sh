@@ -1,26 +1,85 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one device run (see ../shared/gpu/README.md for staging):
-#   bash ../shared/gpu/stage.sh, then the three staging runs, the third running
-#   `source .gpu/tools/device-env.sh && bash scripts/gpu_session.sh`
-# Writes JSON lines and the run's results under $OUT:
-#   bench.jsonl  resnet_jax vs the plain per-step jit loop (same process), ResNet-20/56
-#   peers.jsonl  the Flax-example-design and torch peers (peers.py flax_cifar), same machine, same run
-#   r20/         the paper's full ResNet-20 schedule (64k steps), bf16: results.json + metrics.jsonl
+# The GPU checks of issue 13 in as few device runs as possible (see ../shared/gpu/README.md for
+# staging): `bash ../shared/gpu/stage.sh`, then the three staging runs, the third running
+#   source .gpu/tools/device-env.sh && bash scripts/gpu_session.sh [speed|cifar|all]
+# `speed` (about 5 min): the train-step benchmarks and the peers of the same run;
+# `cifar` (the rest of a 10-min call): the paper's full ResNet-20 schedule, then as many of
+# ResNet-32/44/56/110 and plain-20/56 as fit before $DEADLINE_S seconds (default 540).
+# Writes under $OUT (default /tmp/gpu_out), one JSON object per line:
+#   bench.jsonl  resnet_jax vs the plain per-step jit loop (same process): ResNet-20 b128/b1024,
+#                ResNet-56 b128, ResNet-50 b256 (bf16, synthetic data), and each training
+#                command's wall-clock seconds
+#   peers.jsonl  the Flax-example-design and torch peers (peers.py), same machine, same run
+#   <model>/     results.json + metrics.jsonl of each CIFAR run; <model>.log its console
+# SMOKE=1 runs every step with tiny settings on any machine (tests/test_gpu_session.py does, on
+# CPU): tiny nets and batches, a few training steps on a subset, peers only where present.
 set -uo pipefail
+part=${1:-all}
+case "$part" in speed|cifar|all) ;; *) echo "usage: $0 [speed|cifar|all]" >&2; exit 2 ;; esac
 out=${OUT:-/tmp/gpu_out}
-mkdir -p "$out"
-for spec in "cifar_resnet20 128" "cifar_resnet20 1024" "cifar_resnet56 128"; do
-  set -- $spec
-  timeout 120 python3 scripts/benchmark.py --model "$1" --batch "$2" --dtype bfloat16 --steps-per-dispatch 200 \
-    >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
-done
-timeout 150 python3 .gpu/tools/peers.py flax_cifar >> "$out/peers.jsonl" 2>> "$out/stderr.txt"
+runs=${RUNS:-/tmp/gpu_runs}
+peers=${PEERS:-.gpu/tools/peers.py}
+python=${PYTHON:-python3}
+smoke=${SMOKE:-0}
+deadline=${DEADLINE_S:-540}
+mkdir -p "$out" "$runs"
 start=$(date +%s)
-timeout 240 python3 -m resnet_jax.main --config configs/cifar10.py:resnet20 --workdir /tmp/r20 \
-  --config.model.dtype=bfloat16 --config.tensorboard=False --config.steps_per_dispatch=500 \
-  --config.log_every_steps=2000 --config.eval_every_steps=16000 --config.checkpoint_every_steps=16000 \
-  > "$out/r20.log" 2>&1
-echo "{\"r20_command_wall_s\": $(( $(date +%s) - start ))}" >> "$out/bench.jsonl"
-mkdir -p "$out/r20" && cp /tmp/r20/results.json /tmp/r20/metrics.jsonl "$out/r20/" 2>/dev/null
-tail -c 3000 "$out/r20.log"
-cat "$out/bench.jsonl" "$out/peers.jsonl"
+
+if [ "$smoke" = 1 ]; then
+  bench_specs=("cifar_resnet8 8 --image-size 32")
+  rn50_spec="resnet18 2 --image-size 32"
+  bench_sizes="--steps-per-dispatch 2 --dispatches 1 --repeats 1"
+  rn50_sizes=$bench_sizes
+  train_args="--config.schedule.total_steps=4 --config.schedule.boundaries=(3,) --config.dataset.train_subset=256 --config.dataset.eval_subset=200 --config.batch_size=8 --config.reference_batch_size=8 --config.eval_batch_size=100 --config.steps_per_dispatch=2 --config.log_every_steps=2 --config.eval_every_steps=4 --config.checkpoint_every_steps=4"
+  cifar_nets="resnet8"
+  dtype=float32
+else
+  bench_specs=("cifar_resnet20 128" "cifar_resnet20 1024" "cifar_resnet56 128")
+  rn50_spec="resnet50 256"
+  bench_sizes="--steps-per-dispatch 200"
+  rn50_sizes="--steps-per-dispatch 20"
+  train_args="--config.steps_per_dispatch=500 --config.log_every_steps=2000 --config.eval_every_steps=16000 --config.checkpoint_every_steps=16000"
+  cifar_nets="resnet20 resnet32 resnet44 resnet56 plain20 plain56 resnet110"
+  dtype=bfloat16
+fi
+
+peer() {  # peer SECTION: one peers.py section, when the peers are staged here
+  if [ -f "$peers" ]; then
+    timeout 150 "$python" "$peers" "$1" >> "$out/peers.jsonl" 2>> "$out/stderr.txt" \
+      || echo "{\"peer\": \"$1\", \"failed\": true}" >> "$out/peers.jsonl"
+  fi
+}
+
+if [ "$part" != cifar ]; then
+  for spec in "${bench_specs[@]}"; do
+    # shellcheck disable=SC2086
+    timeout 120 "$python" scripts/benchmark.py --model ${spec%% *} --batch $(echo "$spec" | cut -d' ' -f2) \
+      $(echo "$spec" | cut -d' ' -f3-) --dtype "$dtype" $bench_sizes >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+  done
+  peer flax_cifar
+  # shellcheck disable=SC2086
+  timeout 180 "$python" scripts/benchmark.py --model ${rn50_spec%% *} --batch $(echo "$rn50_spec" | cut -d' ' -f2) \
+    $(echo "$rn50_spec" | cut -d' ' -f3-) --dtype "$dtype" $rn50_sizes >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+  peer flax_rn50
+  peer torch_rn50
+fi
+
+if [ "$part" != speed ]; then
+  for net in $cifar_nets; do
+    elapsed=$(( $(date +%s) - start ))
+    if [ "$elapsed" -ge "$deadline" ]; then
+      echo "{\"skipped\": \"$net\", \"reason\": \"deadline\", \"elapsed_s\": $elapsed}" >> "$out/bench.jsonl"
+      continue
+    fi
+    t0=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout $(( deadline + 60 - elapsed )) "$python" -m resnet_jax.main --config "configs/cifar10.py:$net" \
+      --workdir "$runs/$net" --config.model.dtype="$dtype" --config.tensorboard=False $train_args \
+      > "$out/$net.log" 2>&1
+    rc=$?
+    echo "{\"train\": \"$net\", \"rc\": $rc, \"command_wall_s\": $(( $(date +%s) - t0 ))}" >> "$out/bench.jsonl"
+    mkdir -p "$out/$net" && cp "$runs/$net/results.json" "$runs/$net/metrics.jsonl" "$out/$net/" 2>/dev/null
+  done
+fi
+cat "$out/bench.jsonl"
+if [ -f "$out/peers.jsonl" ]; then cat "$out/peers.jsonl"; fi

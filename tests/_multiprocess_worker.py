@@ -5,6 +5,7 @@ JAX is imported, so each device count needs its own process; the parent sets it 
 passes one JSON job description as argv[1]:
 
   {"mode": "train", "runs": [{"workdir": ..., "overrides": {...}, "out": "x.npz"}, ...],
+   (a run may add "first_out": "y.npz", the arrays of its first checkpoint save)
    (a run may add "expect": "WorkdirError", "error_out": "path": see train())
    "hlo": "path.txt" (optional), "local_batch": "path.npz" (optional)}
   {"mode": "restore", "workdir": ..., "overrides": {...}, "out": "x.npz"}
@@ -44,12 +45,15 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
 
 
 def capture_saves() -> dict:
-    """Records the state of the last checkpoint save: what the run itself wrote to disk."""
+    """Records the state of the last checkpoint save (what the run itself wrote to disk) and
+    host copies of the first save's arrays ("first": (step, arrays))."""
     captured = {}
     original = Checkpointer.save
 
     def save(self, step, state, metadata=None, force=False):
         captured["step"], captured["state"] = step, state
+        if "first" not in captured:
+            captured["first"] = (step, flat_arrays(state))
         return original(self, step, state, metadata, force)
 
     Checkpointer.save = save
@@ -98,6 +102,7 @@ def local_batch_sum(path: str) -> None:
 def train(job: dict) -> None:
     captured = capture_saves()
     for run in job["runs"]:
+        captured.clear()
         config = tiny_config(CIFAR_DIR, **run["overrides"])
         try:
             loop.train_and_evaluate(config, run["workdir"])
@@ -111,6 +116,9 @@ def train(job: dict) -> None:
             continue
         if parallel.is_main_process() and run.get("out"):
             np.savez(run["out"], step=captured["step"], **flat_arrays(captured["state"]))
+            if run.get("first_out"):
+                first_step, arrays = captured["first"]
+                np.savez(run["first_out"], step=first_step, **arrays)
     if job.get("hlo"):
         dump_hlo(tiny_config(CIFAR_DIR, **job["runs"][0]["overrides"]), job["hlo"])
     if job.get("local_batch"):

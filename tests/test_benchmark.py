@@ -38,3 +38,18 @@ def test_cpu_vs_torch_benchmark_compares_the_same_network(capsys):
     assert {r["params"] for r in steps.values()} == {75_290}  # the script asserts torch's count equals ours
     (ratio,) = [r for r in lines if r["bench"] == "ratio"]
     assert ratio["torch_eager_over_jax"] == pytest.approx(steps["jax"]["ms_per_step"] / steps["torch_eager"]["ms_per_step"])
+
+
+def test_input_benchmark_times_ours_and_the_peer_on_the_same_files(capsys):
+    """scripts/benchmark_input.py (issue 8's speed goal) runs: all five pipelines, ratios of medians."""
+    spec = importlib.util.spec_from_file_location("benchmark_input", ROOT / "scripts" / "benchmark_input.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--rounds", "1", "--warmup", "1", "--batches", "2", "--repeat", "1", "--batch", "4"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(json.dumps(out))
+    names = {"inception", "paper", "eval_center", "peer_train", "peer_eval"}
+    assert set(out["images_per_s"]) == set(out["images_per_cpu_s"]) == names
+    assert all(v > 0 for v in out["images_per_s"].values()) and out["files"] == 100
+    rates = out["images_per_s"]
+    assert out["ratio_inception_vs_peer_train"] == pytest.approx(rates["inception"] / rates["peer_train"], rel=1e-2)
+    assert out["ratio_eval_center_vs_peer_eval"] == pytest.approx(rates["eval_center"] / rates["peer_eval"], rel=1e-2)

@@ -94,14 +94,16 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
                 pads: Sequence[tuple[int, int]], precision: Any = None) -> jax.Array:
     """dL/dW of an NHWC/HWIO convolution: the sum of `_piece_grad` over cache-sized pieces of the batch.
 
-    Pieces are strided (image b goes to piece b % pieces) rather than contiguous, so that a batch
-    sharded over devices in contiguous blocks stays sharded the same way inside every piece.
+    Pieces are strided (image b goes to piece b % pieces). Only where JAX has a single device.
     """
     kh, kw, cin, cout = kernel_shape
     batch, out_h, out_w, _ = dy.shape
     per_image = out_h * out_w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
     pieces = 1
-    while batch % (2 * pieces) == 0 and per_image * batch // pieces > PIECE_BYTES:
+    # One device only: with the batch sharded over several, GSPMD would gather the pieces
+    # across devices (seen in the 8-device step's HLO), which costs more than it saves.
+    while (jax.device_count() == 1 and batch % (2 * pieces) == 0
+           and per_image * batch // pieces > PIECE_BYTES):
         pieces *= 2
     if pieces == 1:
         return _piece_grad(x, dy, kernel_shape, strides, pads, precision).astype(x.dtype)
