@@ -28,7 +28,7 @@ start=$(date +%s)
 if [ "$smoke" = 1 ]; then
   bench_specs=("cifar_resnet8 8 --image-size 32")
   rn50_spec="resnet18 2 --image-size 32"
-  bench_sizes="--steps-per-dispatch 2 --dispatches 1 --repeats 1"
+  bench_sizes="--steps-per-dispatch 2 --dispatches 1 --repeats 1 --no-baseline"
   rn50_sizes=$bench_sizes
   train_args="--config.schedule.total_steps=4 --config.schedule.boundaries=(3,) --config.dataset.train_subset=256 --config.dataset.eval_subset=200 --config.batch_size=8 --config.reference_batch_size=8 --config.eval_batch_size=100 --config.steps_per_dispatch=2 --config.log_every_steps=2 --config.eval_every_steps=4 --config.checkpoint_every_steps=4"
   cifar_nets="resnet8"
