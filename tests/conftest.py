@@ -1,8 +1,24 @@
-"""Shared pytest fixtures: where the project's read-only test data lives."""
+"""Shared pytest fixtures: where the project's read-only test data lives; one compilation cache."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One persistent compilation cache for the whole session, in-process and in every subprocess
+# (they inherit the environment): many tests compile the same train step (a command-line run
+# and its in-process twin, a crash and its resume), and a cache hit costs a fraction of a
+# compile on 2 cores. Set before anything imports JAX, which reads these at import. A test
+# that sets its own cache directory keeps it; removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="resnet_jax_test_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # torch and torchvision before anything imports TensorFlow: imported the other way round
 # in one process, torchvision's import (triton) crashes the interpreter (torch 2.14.1,
