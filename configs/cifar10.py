@@ -72,17 +72,22 @@ def paper(name: str, batch: str = "128") -> ml_collections.ConfigDict:
     return c
 
 
-def quick(batch: str = "128") -> ml_collections.ConfigDict:
-    """ResNet-20 for 2 CPU cores: under 10 minutes, about 68% test accuracy.
+def quick(batch: str = "64") -> ml_collections.ConfigDict:
+    """ResNet-20 for 2 CPU cores: about 10 minutes, about 66% test accuracy (README, Quick start).
 
-    Same network, data and augmentation as the paper; an 800-step schedule (2 epochs) in place of
-    64k steps: lr 0.1, divided by 10 at steps 550 and 700.
+    Same network, data, augmentation and optimizer as the paper; what it trades for time:
+    1.5 epochs (1200 steps of batch 64) in place of 164, and a cosine schedule from lr 0.05
+    (the paper's 0.1 at batch 128, linearly scaled) in place of the steps. Batch 64 because
+    on 2 CPU cores it trains as many images per second as 128 while taking twice the steps,
+    which is what a short run needs: measured on 2026-11-29, 1.28 epochs (cosine) gave 64.1% at
+    batch 64 and 60.7% at batch 128.
     """
     c = paper("resnet20", batch=batch)
-    c.schedule.total_steps = 800
-    c.schedule.boundaries = (550, 700)
+    c.schedule.kind = "cosine"
+    c.schedule.total_steps = 600  # at reference_batch_size 128: 1200 steps of batch 64
+    c.schedule.boundaries = ()
     c.steps_per_dispatch = 25
     c.log_every_steps = 50
-    c.eval_every_steps = 800
+    c.eval_every_steps = 1200
     c.checkpoint_every_steps = 200
     return c

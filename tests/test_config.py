@@ -41,6 +41,18 @@ def test_every_paper_config_and_the_tiny_one_validate(base):
     assert (derived.total_steps, derived.boundaries, derived.num_train, derived.num_eval) == (16, (12,), 2048, 500)
 
 
+def test_quick_start_is_what_the_readme_says():
+    # README, Quick start: ResNet-20, 1200 steps of batch 64 (1.5 epochs), cosine from lr 0.05,
+    # the paper's augmentation, one evaluation over the whole test set at the end.
+    config = load_config("quick")
+    derived = validate(config)
+    assert config.model.name == "cifar_resnet20" and config.batch_size == 64
+    assert (derived.total_steps, derived.boundaries, derived.num_eval) == (1200, (), 10_000)
+    assert derived.learning_rate == pytest.approx(0.05) and config.schedule.kind == "cosine"
+    assert config.eval_every_steps == derived.total_steps
+    assert (config.dataset.pad, config.dataset.flip, config.dataset.train_subset) == (4, True, 0)
+
+
 def test_linear_scaling_rule(base):
     derived = validate(with_values(base, {"batch_size": 128, "schedule.total_steps": 64,
                                           "schedule.boundaries": (32, 48), "schedule.warmup_steps": 8}))
