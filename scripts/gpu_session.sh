@@ -43,6 +43,14 @@ else
   dtype=bfloat16
 fi
 
+bench() {  # bench TIMEOUT_S "MODEL BATCH [EXTRA ARGS]" SIZES: one scripts/benchmark.py run
+  local model batch extra
+  read -r model batch extra <<< "$2"
+  # shellcheck disable=SC2086
+  timeout "$1" "$python" scripts/benchmark.py --model "$model" --batch "$batch" $extra --dtype "$dtype" $3 \
+    >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+}
+
 peer() {  # peer SECTION: one peers.py section, when the peers are staged here
   if [ -f "$peers" ]; then
     timeout 150 "$python" "$peers" "$1" >> "$out/peers.jsonl" 2>> "$out/stderr.txt" \
@@ -52,14 +60,10 @@ peer() {  # peer SECTION: one peers.py section, when the peers are staged here
 
 if [ "$part" != cifar ]; then
   for spec in "${bench_specs[@]}"; do
-    # shellcheck disable=SC2086
-    timeout 120 "$python" scripts/benchmark.py --model ${spec%% *} --batch $(echo "$spec" | cut -d' ' -f2) \
-      $(echo "$spec" | cut -d' ' -f3-) --dtype "$dtype" $bench_sizes >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+    bench 120 "$spec" "$bench_sizes"
   done
   peer flax_cifar
-  # shellcheck disable=SC2086
-  timeout 180 "$python" scripts/benchmark.py --model ${rn50_spec%% *} --batch $(echo "$rn50_spec" | cut -d' ' -f2) \
-    $(echo "$rn50_spec" | cut -d' ' -f3-) --dtype "$dtype" $rn50_sizes >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+  bench 180 "$rn50_spec" "$rn50_sizes"
   peer flax_rn50
   peer torch_rn50
 fi
