@@ -102,9 +102,9 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
     pieces = 1
     # One device only: with the batch sharded over several, GSPMD would gather the pieces
     # across devices (seen in the 8-device step's HLO), which costs more than it saves.
-    while (jax.device_count() == 1 and batch % (2 * pieces) == 0
-           and per_image * batch // pieces > PIECE_BYTES):
-        pieces *= 2
+    if jax.device_count() == 1:
+        while batch % (2 * pieces) == 0 and per_image * batch // pieces > PIECE_BYTES:
+            pieces *= 2
     if pieces == 1:
         return _piece_grad(x, dy, kernel_shape, strides, pads, precision).astype(x.dtype)
     xs = x.reshape(batch // pieces, pieces, *x.shape[1:])
