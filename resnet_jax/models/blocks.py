@@ -40,7 +40,8 @@ class GhostBatchNorm(nn.Module):
     Parameters (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``) have the
     names, shapes and float32 dtype of ``nn.BatchNorm``'s, so checkpoints are
     interchangeable. Statistics and normalisation are computed in float32 whatever the
-    compute ``dtype``; the result is cast to ``dtype``. As in Flax, the running averages
+    compute ``dtype`` (in float64 when ``dtype`` or ``param_dtype`` is float64: the
+    reference path); the result is cast to ``dtype``. As in Flax, the running averages
     are not touched while initialising, and the variance is the biased one.
     """
 
@@ -56,12 +57,13 @@ class GhostBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
-        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
-        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+        stats_dtype = jnp.promote_types(jnp.promote_types(self.dtype, self.param_dtype), jnp.float32)
+        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), stats_dtype))
+        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), stats_dtype))
         scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
         bias = self.param('bias', self.bias_init, (features,), self.param_dtype)
 
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(stats_dtype)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = _affine_normalise(x32, mean, var, scale, bias, self.epsilon)
@@ -97,8 +99,8 @@ def _affine_normalise(x: Array, mean: Array, var: Array, scale: Array, bias: Arr
                       epsilon: float) -> Array:
     # Same order of operations as flax's BatchNorm, so that ghost_batch_size=None agrees
     # with nn.BatchNorm to the last few ulps.
-    mul = lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
-    return (x - mean) * mul + bias.astype(jnp.float32)
+    mul = lax.rsqrt(var + epsilon) * scale.astype(x.dtype)
+    return (x - mean) * mul + bias.astype(x.dtype)
 
 
 def pad_shortcut(x: Array, out_channels: int, strides: int) -> Array:

@@ -115,13 +115,13 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
                  lax.dynamic_index_in_dim(dys, j, axis=1, keepdims=False))
         return total + _piece_grad(*piece, kernel_shape, strides, pads, precision)
 
-    total = lax.fori_loop(0, pieces, add_piece, jnp.zeros(tuple(kernel_shape), jnp.float32))
+    total = lax.fori_loop(0, pieces, add_piece, jnp.zeros(tuple(kernel_shape), _accumulator(x.dtype)))
     return total.astype(x.dtype)
 
 
 def _piece_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
                 pads: Sequence[tuple[int, int]], precision: Any) -> jax.Array:
-    """cols^T @ dy in float32, cols ordered (kh, kw, c) like HWIO."""
+    """cols^T @ dy accumulated in float32 (float64 for float64 inputs), cols ordered (kh, kw, c) like HWIO."""
     kh, kw, cin, cout = kernel_shape
     batch, out_h, out_w, _ = dy.shape
     sh, sw = strides
@@ -131,8 +131,12 @@ def _piece_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
             for i in range(kh) for j in range(kw)]
     cols = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
     grad = jnp.dot(cols.T, dy.reshape(-1, cout), precision=precision,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=_accumulator(x.dtype))
     return grad.reshape(kh, kw, cin, cout)
+
+
+def _accumulator(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def for_backend(backend: str) -> Any:

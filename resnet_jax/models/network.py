@@ -26,6 +26,9 @@ Array = Any
 
 STEMS = ('imagenet', 'cifar')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+# float64 is a reference path (tests compare the model's mathematics with a float64
+# reference where float32 rounding would decide the outcome); it needs 64-bit JAX.
+REFERENCE_DTYPES = {'float64': jnp.float64}
 KERNEL_INIT_MODES = ('fan_in', 'fan_out')
 
 
@@ -37,14 +40,27 @@ def he_normal(mode: str = 'fan_in') -> Callable:
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """Maps 'float32' | 'bfloat16' | 'float16' (or the dtype itself) to a numpy dtype."""
+    """Maps 'float32' | 'bfloat16' | 'float16' | 'float64' (or the dtype itself) to a numpy dtype.
+
+    'float64' only with 64-bit JAX enabled (``with jax.enable_x64(True):``); without it JAX
+    would silently compute in float32 while the model claimed float64.
+    """
+    names = {**DTYPES, **REFERENCE_DTYPES}
     try:
-        resolved = jnp.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+        resolved = np.dtype(names.get(dtype, dtype) if isinstance(dtype, str) else dtype)
     except TypeError:
         resolved = None
-    if resolved not in {jnp.dtype(d) for d in DTYPES.values()}:
-        raise ValueError(f'dtype={dtype!r} is not one of {tuple(DTYPES)}')
+    if resolved not in {np.dtype(d) for d in names.values()}:
+        raise ValueError(f'dtype={dtype!r} is not one of {tuple(names)}')
+    if resolved == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("dtype='float64' needs 64-bit JAX: build and apply the model inside "
+                         '`with jax.enable_x64(True):` (a reference path for tests, not for training)')
     return resolved
+
+
+def storage_dtype(dtype: Any) -> jnp.dtype:
+    """Parameters, BN statistics, pooling and logits: float32, or float64 on the float64 path."""
+    return jnp.promote_types(resolve_dtype(dtype), jnp.float32)
 
 
 def block_class(block_cls: ModuleDef) -> type:
@@ -95,8 +111,10 @@ class ResNet(nn.Module):
         for pre-activation blocks); Goyal et al. 2017. False = paper. Not for plain nets.
       stride_on_3x3: bottleneck blocks only (ignored otherwise): False = paper (stride in the
         first 1x1), True = "v1.5" (torchvision, Flax example).
-      dtype: compute dtype, 'float32' | 'bfloat16' | 'float16' or the dtype. Parameters and
-        BN statistics stay float32; logits are float32.
+      dtype: compute dtype, 'float32' | 'bfloat16' | 'float16' or the dtype. Parameters,
+        BN statistics, pooling and logits stay float32. 'float64' (under
+        ``jax.enable_x64(True)``) computes everything, parameters included, in float64: the
+        path on which tests compare the model with float64 references free of rounding.
       bn_momentum: running-average decay, Flax convention (0.9 = torch momentum 0.1).
       bn_epsilon: BN epsilon.
       ghost_batch_size: None = BN statistics over the whole global batch; G = over each
@@ -137,7 +155,7 @@ class ResNet(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: Array, train: bool = True) -> Array:
-        """Logits (float32) of images ``x`` (N, H, W, C); any H, W that survive the strides."""
+        """Logits (float32; float64 on the float64 path) of images ``x`` (N, H, W, C); any H, W that survive the strides."""
         return self._forward(x, train, with_head=True)[1]
 
     def features(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -151,7 +169,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def _forward(self, x: Array, train: bool, with_head: bool) -> tuple[dict, Optional[Array]]:
-        dtype = resolve_dtype(self.dtype)
+        dtype, store = resolve_dtype(self.dtype), storage_dtype(self.dtype)
         if self.input_size is not None:
             x = jax.image.resize(x, (x.shape[0], self.input_size, self.input_size, x.shape[-1]),
                                  'bilinear')
@@ -159,11 +177,11 @@ class ResNet(nn.Module):
         # convolution (10x the forward pass at 16 channels, 32x32); cpu_conv computes it as one
         # matrix product instead: same outputs, same gradients up to float rounding.
         conv_impl = cpu_conv.for_backend(jax.default_backend())
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=store,
                                  kernel_init=_kernel_init(self.kernel_init), conv_general_dilated=conv_impl)
         norm = functools.partial(GhostBatchNorm, use_running_average=not train or self.bn_frozen,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype,
-                                 param_dtype=jnp.float32, ghost_batch_size=self.ghost_batch_size)
+                                 param_dtype=store, ghost_batch_size=self.ghost_batch_size)
         preact = block_class(self.block_cls).preact
         feats = {}
         x = self._stem(x.astype(dtype), conv, norm, feats)
@@ -181,9 +199,9 @@ class ResNet(nn.Module):
             return feats, None
         if preact:
             x = nn.relu(norm(name='final_bn')(x))
-        # Pool and classify in float32 so the loss sees full-precision logits.
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+        # Pool and classify in float32 (at least) so the loss sees full-precision logits.
+        x = jnp.mean(x.astype(store), axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=store, param_dtype=store,
                           name='head')(x)
         return feats, logits
 
