@@ -19,10 +19,48 @@ from resnet_jax.models import (BasicBlock, Bottleneck, GhostBatchNorm, PlainBloc
 
 KEY = jax.random.key(0, impl='rbg')
 
+# The model's mathematics is compared on its float64 path (`dtype='float64'` under
+# `jax.enable_x64`) with the float64 torch reference, so that rounding cannot decide a test:
+# a float32 net with train-mode BN over a handful of values divides round-off by small
+# standard deviations, and whether it stayed within a fixed tolerance depended on the CPU's
+# kernels. In float64 the two implementations differ only in the order of their sums
+# (u = 1.1e-16, sums of at most a few thousand terms, ~20 layers; measured: at most 5e-14 of
+# the output's scale over every case below). 1e-9 leaves over four orders of magnitude of
+# room, while a real difference in the mathematics moves the outputs far more: a BN epsilon
+# off by 1% (1.01e-5 for 1e-5) already fails every case; a missing BN, a wrong stride or
+# padding, option A's channel order move them by O(1).
+REL = 1e-9
+F64 = jnp.float64
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_float64_path_needs_x64_and_computes_in_float64():
+    """Without 64-bit JAX, float64 would silently run as float32: refused at construction."""
+    with pytest.raises(ValueError, match='enable_x64'):
+        build_model('cifar_resnet8', dtype='float64')
+    with jax.enable_x64(True):
+        model = build_model('cifar_resnet8', dtype='float64')
+        x = jnp.zeros((2, 8, 8, 3), F64)
+        shapes = jax.eval_shape(lambda: model.init(KEY, x, train=False))
+        assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {np.dtype(F64)}
+        logits, stats = jax.eval_shape(
+            lambda v: model.apply(v, x, train=True, mutable=['batch_stats']), shapes)
+        assert logits.dtype == F64
+        assert {leaf.dtype for leaf in jax.tree.leaves(stats)} == {np.dtype(F64)}
+    # The float32 model is unchanged: float32 parameters, statistics and logits.
+    model = build_model('cifar_resnet8')
+    shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((2, 8, 8, 3)), train=False))
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {np.dtype(jnp.float32)}
+
 
 def random_variables(init_fn, seed):
-    """Variables of the shapes `init_fn` would create (traced, not compiled), drawn at random
-    so that no BN scale, bias or statistic is at its trivial value."""
+    """float64 variables of the shapes `init_fn` would create (traced, not compiled), drawn at
+    random so that no BN scale, bias or statistic is at its trivial value."""
     abstract = jax.eval_shape(init_fn)
     rng = np.random.default_rng(seed)
 
@@ -30,22 +68,25 @@ def random_variables(init_fn, seed):
         name = path[-1].key
         if name == 'kernel':  # He-normal, so activations stay O(1) through the net
             fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), jnp.float32)
+            return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), F64)
         low, high = {'scale': (0.5, 1.5), 'var': (0.5, 1.5)}.get(name, (-0.5, 0.5))
-        return jnp.asarray(rng.uniform(low, high, size=leaf.shape), jnp.float32)
+        return jnp.asarray(rng.uniform(low, high, size=leaf.shape), F64)
 
-    return jax.tree_util.tree_map_with_path(draw, abstract)
+    variables = jax.tree_util.tree_map_with_path(draw, abstract)
+    assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {np.dtype(F64)}  # no float32 left
+    return variables
 
 
-def assert_close(got, want, rel=2e-5):
-    """float32 against float64: a few ulps per layer, relative to the output's scale."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+def assert_close(got, want, rel=REL):
+    """float64 against float64, relative to the output's scale."""
+    assert np.asarray(got).dtype == np.float64  # the model really computed in float64
+    got, want = np.asarray(got), np.asarray(want, np.float64)
     assert got.shape == want.shape
     scale = max(np.abs(want).max(), 1e-6)
     assert np.abs(got - want).max() <= rel * scale, np.abs(got - want).max() / scale
 
 
-def assert_stats_match(updated, new_stats, old_stats, rel=2e-5):
+def assert_stats_match(updated, new_stats, old_stats, rel=REL):
     """Running statistics after one train step: torch's against flax's (see
     flax_running_var_as_torch for the biased/unbiased difference)."""
     assert updated, 'the reference saw no BN in train mode'
@@ -59,8 +100,9 @@ def assert_stats_match(updated, new_stats, old_stats, rel=2e-5):
 
 
 def layers(train):
-    conv = lambda *a, **k: nn.Conv(*a, use_bias=False, **k)  # noqa: E731
-    norm = lambda **k: GhostBatchNorm(use_running_average=not train, **k)  # noqa: E731
+    conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=F64, param_dtype=F64, **k)  # noqa: E731
+    norm = lambda **k: GhostBatchNorm(use_running_average=not train, dtype=F64,  # noqa: E731
+                                      param_dtype=F64, **k)
     return dict(conv=conv, norm=norm, act=nn.relu)
 
 
@@ -79,12 +121,13 @@ BLOCK_CASES = [  # (class, input channels, filters, stride, shortcut, extra fiel
 ]
 
 
+@pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('cls,cin,filters,stride,shortcut,extra', BLOCK_CASES,
                          ids=[f'{c[0].__name__}-s{c[3]}-{c[4]}-{"-".join(c[5]) or "default"}'
                               for c in BLOCK_CASES])
 def test_block_matches_torch_reference_in_train_and_eval_mode(cls, cin, filters, stride, shortcut,
                                                                extra):
-    x = jax.random.normal(jax.random.key(1), (3, 8, 8, cin))
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, cin), F64)
     blocks = {train: cls(filters=filters, strides=stride, shortcut=shortcut, **extra, **layers(train))
               for train in (True, False)}
     variables = random_variables(lambda: blocks[False].init(KEY, x), 2)
@@ -118,13 +161,14 @@ NETWORKS = [  # (name, overrides, reference block, image size)
 ]
 
 
+@pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('name,overrides,block,size', NETWORKS,
                          ids=[f'{n[0]}-{n[1].get("shortcut", "")}' for n in NETWORKS])
 def test_whole_network_matches_torch_reference_in_train_and_eval_mode(name, overrides, block, size):
     """Stem, max-pool, every stage, final BN (pre-activation), pooling and head together."""
-    model = build_model(name, num_classes=7, **overrides)
+    model = build_model(name, num_classes=7, dtype='float64', **overrides)
     assert model.block_cls.__name__ == block
-    x = jax.random.normal(jax.random.key(3), (4, size, size, 3))
+    x = jax.random.normal(jax.random.key(3), (4, size, size, 3), F64)
     variables = random_variables(lambda: model.init(KEY, x, train=False), 4)
     outputs = jax.jit(lambda v: (model.apply(v, x, train=True, mutable=['batch_stats']),
                                  model.apply(v, x, train=False)))(variables)
@@ -135,11 +179,11 @@ def test_whole_network_matches_torch_reference_in_train_and_eval_mode(name, over
         widths = [max(1, round(w * model.width_multiplier)) for w in model.stage_widths]
         want = ref.network(r, ref.nchw(x), block, model.stage_sizes, widths, model.stem,
                            model.shortcut, model.stride_on_3x3)
-        # Up to ~20 float32 layers, and train-mode BN over as few as 4 values (the last
-        # stage is 1x1 at batch 4) divides round-off by small standard deviations.
-        assert_close(logits, want.numpy(), rel=1e-4)
+        # Train-mode BN over as few as 4 values (the last stage is 1x1 at batch 4): in
+        # float64 that still leaves the round-off far below REL.
+        assert_close(logits, want.numpy())
         if train:
-            assert_stats_match(r.updated, new_stats, variables['batch_stats'], rel=1e-4)
+            assert_stats_match(r.updated, new_stats, variables['batch_stats'])
             assert len(r.updated) == len(jax.tree.leaves(new_stats)) // 2  # every BN compared
         # The reference used every layer the model has parameters for: no extra BN or projection.
         assert r.used == layer_paths(variables['params'])
