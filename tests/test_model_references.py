@@ -111,8 +111,10 @@ BLOCK_CASES = [  # (class, input channels, filters, stride, shortcut, extra fiel
     (BasicBlock, 4, 6, 2, 'A', {}),
     (Bottleneck, 16, 4, 1, 'C', {}),
     (Bottleneck, 8, 4, 2, 'B', {'stride_on_3x3': True}),
+    (Bottleneck, 8, 4, 2, 'B', {}),  # the paper's ImageNet choice: stride on the first 1x1
     (PlainBlock, 4, 6, 2, 'B', {}),
     (PlainBottleneck, 8, 4, 2, 'B', {'stride_on_3x3': True}),
+    (PlainBottleneck, 8, 4, 2, 'B', {}),
     (PreActBasicBlock, 4, 6, 2, 'B', {}),
     (PreActBasicBlock, 6, 6, 1, 'B', {'preactivate_input': False}),
     (PreActBottleneck, 8, 4, 2, 'B', {}),
@@ -158,6 +160,12 @@ NETWORKS = [  # (name, overrides, reference block, image size)
     ('preact_resnet18', {'width_multiplier': 0.125, 'stage_sizes': (2, 1, 1, 1)}, 'PreActBasicBlock', 32),
     ('preact_resnet50', {'width_multiplier': 0.125, 'stage_sizes': (2, 1, 1, 1)}, 'PreActBottleneck', 32),
     ('plain50', {'width_multiplier': 0.125, 'stage_sizes': (2, 1, 1, 1)}, 'PlainBottleneck', 32),
+    # The paper's ImageNet configuration at full depth (option B, stride on the first 1x1),
+    # narrowed to 1/8 of the width.
+    ('resnet18', {'width_multiplier': 0.125}, 'BasicBlock', 32),
+    ('resnet50', {'width_multiplier': 0.125}, 'Bottleneck', 32),
+    ('plain18', {'width_multiplier': 0.125}, 'PlainBlock', 32),
+    ('plain34', {'width_multiplier': 0.125}, 'PlainBlock', 32),
 ]
 
 
@@ -168,6 +176,8 @@ def test_whole_network_matches_torch_reference_in_train_and_eval_mode(name, over
     """Stem, max-pool, every stage, final BN (pre-activation), pooling and head together."""
     model = build_model(name, num_classes=7, dtype='float64', **overrides)
     assert model.block_cls.__name__ == block
+    if name[-2:] in ('18', '34', '50'):
+        assert (model.shortcut, model.stride_on_3x3, model.stem) == ('B', False, 'imagenet')
     x = jax.random.normal(jax.random.key(3), (4, size, size, 3), F64)
     variables = random_variables(lambda: model.init(KEY, x, train=False), 4)
     outputs = jax.jit(lambda v: (model.apply(v, x, train=True, mutable=['batch_stats']),
