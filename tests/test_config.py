@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _configs import load_config, tiny_config
-from resnet_jax.train import loop
+from _command_line import config_from_command_line
+from _configs import ROOT, load_config, tiny_config
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import fields, loop
 from resnet_jax.train.config import SCHEMA, ConfigError, flatten, validate
 
 
@@ -140,6 +142,85 @@ def test_batch_must_split_over_the_devices(base):
 
 def test_schema_covers_the_base_config():
     assert set(flatten(load_config("resnet20").to_dict())) == set(SCHEMA)
+
+
+def test_imagenet_configs_have_their_own_dataset_fields():
+    for arg in ("resnet50", "resnet50,goyal,batch=1024", "resnet50,v1.5", "resnet18,ghost"):
+        config = load_config(arg, "imagenet.py")
+        assert set(flatten(config.to_dict())) == set(config_lib.schema_for("imagenet2012"))
+        validate(config)  # ILSVRC-2012's sizes: no data needed
+    config = load_config("resnet50", "imagenet.py")
+    with pytest.raises(ConfigError, match=r"config field dataset.eval_protocol = 'five_crop': must be one of "
+                                          r"'center', 'ten_crop', 'multi_scale'"):
+        validate(with_values(config, {"dataset.eval_protocol": "five_crop"}))
+    tree = config.to_dict()
+    tree["dataset"]["pad"] = 4  # a CIFAR field
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['dataset.pad'\]"):
+        validate(tree)
+
+
+def test_every_declared_default_passes_its_own_check():
+    for block in fields.blocks().values():
+        for name, field in block.items():
+            assert field.check(field.default) is None, (name, field.default, field.check.allowed)
+
+
+def test_a_name_shared_by_two_dataset_blocks_is_resumable_in_both_or_neither():
+    # The trainer ignores RESUMABLE_CHANGES by name, whatever the dataset.
+    for name in fields.CIFAR.keys() & fields.IMAGENET.keys():
+        assert fields.CIFAR[name].resumable == fields.IMAGENET[name].resumable, name
+    assert config_lib.RESUMABLE_CHANGES == config_lib.resumable_fields()
+    assert {"eval_batch_size", "log_every_steps", "dataset.data_dir"} <= config_lib.RESUMABLE_CHANGES
+    assert not {"batch_size", "seed", "schedule.scale_warmup_learning_rate"} & config_lib.RESUMABLE_CHANGES
+
+
+def test_fields_table_lists_every_field_once():
+    table = config_lib.fields_table()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    declared = [name for block in fields.blocks().values() for name in block]
+    assert [row.split("`")[1] for row in rows] == declared
+    assert all(row.count(" | ") == 4 for row in rows)  # five cells: no '|' leaked from a doc
+    assert "| `optimizer.momentum` | `0.9` | a finite number in [0, 1) | no | SGD momentum |" in rows
+
+
+def test_committed_fields_page_is_the_generated_one():
+    page = ROOT / "docs" / "config_fields.md"
+    assert page.read_text(encoding="utf-8") == config_lib.fields_table(), (
+        "docs/config_fields.md is stale: run python scripts/write_config_table.py")
+
+
+def test_a_field_declared_once_is_in_the_defaults_the_checks_the_flags_and_the_docs(monkeypatch):
+    declared = fields.Field(3, fields.integer(1, 10), "a knob for this test", resumable=True)
+    monkeypatch.setitem(fields.COMMON, "extra.knob", declared)
+
+    assert config_lib.defaults().extra.knob == 3
+    config = load_config("resnet20")  # configs/cifar10.py, built on the defaults
+    assert config.extra.knob == 3
+    validate(config)
+    with pytest.raises(ConfigError, match=r"config field extra.knob = 11: must be an integer in \[1, 10\]"):
+        validate(with_values(config, {"extra.knob": 11}))
+    with pytest.raises(ConfigError, match=r"missing config field\(s\) \['extra.knob'\]"):
+        tree = config.to_dict()
+        del tree["extra"]
+        validate(tree)
+
+    # The command line accepts it because the defaults hold it, and parses it as an int.
+    parsed = config_from_command_line("cifar10.py:resnet20", "--config.extra.knob=7")
+    assert parsed.extra.knob == 7
+    validate(parsed)
+    with pytest.raises(ConfigError, match=r"config field extra.knob = 0: must be an integer in \[1, 10\]"):
+        validate(config_from_command_line("cifar10.py:resnet20", "--config.extra.knob=0"))
+    assert "extra.knob" in config_lib.resumable_fields()
+    row = "| `extra.knob` | `3` | an integer in [1, 10] | yes | a knob for this test |"
+    assert row in config_lib.fields_table().splitlines()
+
+
+def test_a_none_default_is_typed_on_the_command_line():
+    parsed = config_from_command_line("cifar10.py:resnet20", "--config.model.ghost_batch_size=16",
+                                      "--config.model.stride_on_3x3=True", "--config.schedule.epochs=2")
+    model, schedule = parsed.model, parsed.schedule
+    assert (model.ghost_batch_size, model.stride_on_3x3, schedule.epochs) == (16, True, 2.0)
+    assert type(schedule.epochs) is float
 
 
 # ---------------------------------------------------------------- property test

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from _command_line import config_from_command_line
 from _configs import load_config
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import optim
@@ -81,3 +82,28 @@ def test_sgd_matches_the_update_rule_by_hand():
         v = mu * v + (np.array(g) + wd * w_ref)
         w_ref = w_ref - lr * v
     np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-6)
+
+
+def _imagenet_plan(config):
+    derived = config_lib.validate(config)  # ILSVRC-2012's sizes: no data needed
+    schedule = build_optimizer(config, derived)[1]
+    warm = derived.warmup_steps
+    steps = (0, warm // 2, warm - 1, warm, derived.boundaries[0])
+    return derived, [float(schedule(s)) for s in steps]
+
+
+def test_goyal_schedule_is_the_same_however_the_batch_is_given():
+    """`:resnet50,goyal,batch=1024` and `:resnet50,goyal --config.batch_size=1024` are one recipe:
+    Goyal et al. 2017 warm up linearly over 5 epochs from 0.1 to 0.1 x 1024/256 = 0.4."""
+    in_arg = _imagenet_plan(config_from_command_line("imagenet.py:resnet50,goyal,batch=1024"))
+    by_flag = _imagenet_plan(config_from_command_line("imagenet.py:resnet50,goyal",
+                                                      "--config.batch_size=1024"))
+    assert by_flag[0] == in_arg[0]
+    np.testing.assert_allclose(by_flag[1], in_arg[1], rtol=1e-6)
+    derived, rates = in_arg
+    steps_per_epoch = 1_281_167 // 1024
+    assert (derived.steps_per_epoch, derived.warmup_steps) == (steps_per_epoch, round(5 * steps_per_epoch))
+    assert derived.warmup_learning_rate == pytest.approx(0.1) and derived.learning_rate == pytest.approx(0.4)
+    warm = derived.warmup_steps
+    np.testing.assert_allclose(rates, [0.1, 0.1 + 0.3 * (warm // 2) / warm, 0.1 + 0.3 * (warm - 1) / warm,
+                                       0.4, 0.04], rtol=1e-5)

@@ -2,214 +2,49 @@
 
 Every field the trainer reads is checked here for type and range, before any data is
 read or anything is compiled, so a mistake costs seconds, not a compile or an epoch.
-`ConfigError` names the field, the bad value and what is allowed.
+`ConfigError` names the field, the bad value and what is allowed. The fields themselves
+(default, check, meaning, resumability) are declared once, in `resnet_jax.train.fields`;
+this module derives the defaults and the schema from them and holds the rules that tie
+fields together (schedule lengths, devices, the distributed trio).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import models
+from resnet_jax.train import fields
 
 
 class ConfigError(ValueError):
     """A config field has a bad type or value; the message names the field."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+def schema_for(dataset_name: Any) -> dict[str, fields.Check]:
+    """Every field a config for `dataset_name` must have, with its check (from fields.py)."""
+    return {name: f.check for name, f in fields.for_dataset(dataset_name).items()}
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+def resumable_fields() -> frozenset[str]:
+    """Fields that may change between a run and its resumption without changing its results."""
+    return frozenset(name for block in fields.blocks().values() for name, f in block.items() if f.resumable)
 
 
-def _int(lo: int | None = None, hi: int | None = None, optional: bool = False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if not _is_int(v):
-            return "an integer" + (" or None" if optional else "")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            return f"an integer in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        return None
+CIFAR_DATASETS = fields.CIFAR_DATASETS
+IMAGENET_DATASETS = fields.IMAGENET_DATASETS
+fields_table = fields.fields_table
 
-    return check
-
-
-def _real(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
-    def check(v):
-        if not _is_real(v):
-            return "a finite number"
-        if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-            return f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        return None
-
-    return check
-
-
-def _choice(*allowed, optional: bool = False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if v not in allowed:
-            return "one of " + ", ".join(repr(a) for a in allowed) + (" or None" if optional else "")
-        return None
-
-    return check
-
-
-def _bool(v):
-    return None if isinstance(v, bool) else "True or False"
-
-
-def _str(optional: bool = False):
-    def check(v):
-        if v is None and optional:
-            return None
-        return None if isinstance(v, str) and v else "a non-empty string" + (" or None" if optional else "")
-
-    return check
-
-
-def _optional_real(lo: float, hi: float, lo_open: bool = False):
-    inner = _real(lo, hi, lo_open=lo_open)
-
-    def check(v):
-        if v is None:
-            return None
-        problem = inner(v)
-        return problem and problem + " or None"
-
-    return check
-
-
-def _real_sequence(v):
-    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(_is_real(x) for x in v):
-        return "a sequence of numbers"
-    return None
-
-
-def _int_pair(lo: int, hi: int):
-    def check(v):
-        if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2
-                or not all(_is_int(x) and lo <= x <= hi for x in v) or v[0] > v[1]):
-            return f"a pair (low, high) of integers in [{lo}, {hi}] with low <= high"
-        return None
-
-    return check
-
-
-def _int_sequence(v):
-    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-        return "a sequence of integers"
-    if not all(_is_int(x) for x in v):
-        return "a sequence of integers"
-    return None
-
-
-# Every field the trainer reads whatever the dataset, with its check.
-COMMON_SCHEMA: dict[str, Callable[[Any], str | None]] = {
-    "seed": _int(0, 2**31 - 1),
-    "init_from": _str(optional=True),
-    "model.name": _str(),
-    "model.num_classes": _int(1, optional=True),
-    "model.shortcut": _choice("A", "B", "C", optional=True),
-    "model.zero_init_last": _bool,
-    "model.width_multiplier": _real(0, 64, lo_open=True),
-    "model.bn_momentum": _real(0, 1, hi_open=True),
-    "model.ghost_batch_size": _int(1, optional=True),
-    "model.dtype": _choice("float32", "bfloat16"),
-    "model.stride_on_3x3": _choice(True, False, optional=True),
-    "model.bn_frozen": _bool,
-    "model.input_size": _int(8, 4096, optional=True),
-    "batch_size": _int(1, 1 << 20),
-    "eval_batch_size": _int(1, 1 << 20),
-    "reference_batch_size": _int(1, 1 << 20),
-    "label_smoothing": _real(0, 1, hi_open=True),
-    "optimizer.learning_rate": _real(0, 100, lo_open=True),
-    "optimizer.momentum": _real(0, 1, hi_open=True),
-    "optimizer.nesterov": _bool,
-    "optimizer.weight_decay": _real(0, 1),
-    "optimizer.weight_decay_on": _choice("all", "kernels", "no_bn"),
-    "schedule.kind": _choice("step", "cosine"),
-    "schedule.total_steps": _int(1, 10**9, optional=True),
-    "schedule.boundaries": _int_sequence,
-    "schedule.epochs": _optional_real(0, 10**6, lo_open=True),
-    "schedule.boundary_epochs": _real_sequence,
-    "schedule.warmup_epochs": _real(0, 10**6),
-    "schedule.decay_factor": _real(0, 1, lo_open=True),
-    "schedule.warmup_steps": _int(0, 10**9),
-    "schedule.warmup_learning_rate": _real(0, 100),
-    "schedule.warmup": _choice("constant", "linear"),
-    "steps_per_dispatch": _int(1, 100_000),
-    "log_every_steps": _int(1, 10**9),
-    "eval_every_steps": _int(1, 10**9),
-    "checkpoint_every_steps": _int(1, 10**9),
-    "keep_checkpoints": _int(1, 1000),
-    "allow_config_change": _bool,
-    "tensorboard": _bool,
-    "distributed.initialize": _choice("auto", "never", "always"),
-    "distributed.coordinator_address": _str(optional=True),
-    "distributed.num_processes": _int(1, optional=True),
-    "distributed.process_id": _int(0, optional=True),
-}
-
-CIFAR_DATASETS = ("cifar10", "cifar100")
-IMAGENET_DATASETS = ("imagenet2012", "image_folder")
-
-# The `dataset` block of each kind of data source.
-CIFAR_SCHEMA: dict[str, Callable[[Any], str | None]] = {
-    "dataset.name": _choice(*CIFAR_DATASETS),
-    "dataset.source": _choice("auto", "binary", "tfds"),
-    "dataset.data_dir": _str(optional=True),
-    "dataset.label_mode": _choice("fine", "coarse"),  # CIFAR-100's 100 classes or 20 superclasses
-    "dataset.validation_size": _int(0, 49_999),
-    "dataset.train_subset": _int(0, 50_000),
-    "dataset.eval_subset": _int(0, 10_000),
-    "dataset.normalization": _choice("pixel_mean", "channel_std"),
-    "dataset.pad": _int(0, 16),
-    "dataset.flip": _bool,
-}
-
-IMAGENET_SCHEMA: dict[str, Callable[[Any], str | None]] = {
-    "dataset.name": _choice(*IMAGENET_DATASETS),
-    "dataset.data_dir": _str(optional=True),
-    "dataset.tfds_name": _str(),
-    "dataset.image_size": _int(8, 4096),
-    "dataset.train_transform": _choice("paper", "inception"),
-    "dataset.scale_range": _int_pair(1, 8192),
-    "dataset.pca_std": _real(0, 10),
-    "dataset.eval_protocol": _choice("center", "ten_crop", "multi_scale"),
-    "dataset.eval_resize": _int(8, 8192),
-    "dataset.eval_scales": _int_sequence,
-    "dataset.skip_bad_files": _bool,
-}
-
-
-def schema_for(dataset_name: Any) -> dict[str, Callable[[Any], str | None]]:
-    """Every field a config for `dataset_name` must have, with its check."""
-    block = IMAGENET_SCHEMA if dataset_name in IMAGENET_DATASETS else CIFAR_SCHEMA
-    return {**COMMON_SCHEMA, **block}
-
-
-# The CIFAR trainer's full schema (kept under its historical name).
-SCHEMA = schema_for("cifar10")
-
-# Fields that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = frozenset({
-    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "allow_config_change", "tensorboard", "dataset.data_dir", "dataset.source", "eval_batch_size",
-    "dataset.eval_protocol", "dataset.eval_resize", "dataset.eval_scales", "dataset.skip_bad_files",
-    "distributed.initialize", "distributed.coordinator_address",
-    "distributed.num_processes", "distributed.process_id",
-})
+# Derived once for the callers that read them as constants (the declarations do not change).
+COMMON_SCHEMA = {name: f.check for name, f in fields.COMMON.items()}
+CIFAR_SCHEMA = {name: f.check for name, f in fields.CIFAR.items()}
+IMAGENET_SCHEMA = {name: f.check for name, f in fields.IMAGENET.items()}
+SCHEMA = schema_for("cifar10")  # the CIFAR trainer's full schema (kept under its historical name)
+RESUMABLE_CHANGES = resumable_fields()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -247,71 +82,29 @@ def _scaled(steps: int, batch: int, reference: int) -> int:
     return int(round(steps * reference / batch))
 
 
-def defaults() -> ml_collections.ConfigDict:
-    """Every field the trainer reads that is not about the data, at the 2015 paper's values.
+def defaults(dataset_name: str | None = None) -> ml_collections.ConfigDict:
+    """Every declared field (resnet_jax/train/fields.py) at its default: the 2015 paper's values.
 
-    Dataset configs (configs/cifar10.py, configs/imagenet.py) start from this, add their
-    `dataset` block and change what their recipe changes.
+    With `dataset_name` (e.g. 'cifar10', 'imagenet2012'), also that dataset's `dataset` block
+    with `dataset.name` set; without it, only the fields that are not about the data. Dataset
+    configs (configs/cifar10.py, configs/imagenet.py) start from this and change what their
+    recipe changes. A None default becomes a typed placeholder, so `--config.FIELD=VALUE`
+    parses VALUE as the field's type.
     """
+    declared = dict(fields.COMMON)
+    if dataset_name is not None:
+        declared.update(fields.for_dataset(dataset_name))
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    # A converted or trained checkpoint to start from (fine-tuning); None: He initialisation.
-    c.init_from = config_dict.placeholder(str)
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet20"
-    # Overrides of the family defaults; None keeps the family's (paper) choice.
-    c.model.num_classes = config_dict.placeholder(int)  # None: the dataset's
-    c.model.shortcut = config_dict.placeholder(str)  # 'A' | 'B' | 'C'
-    c.model.zero_init_last = False  # Goyal et al. 2017; the paper: False
-    c.model.width_multiplier = 1.0
-    c.model.bn_momentum = 0.9
-    c.model.ghost_batch_size = config_dict.placeholder(int)  # None: BN over the global batch
-    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
-    # Bottlenecks: None/False = stride on the first 1x1 (paper); True = on the 3x3 (torchvision).
-    c.model.stride_on_3x3 = config_dict.placeholder(bool)
-    c.model.bn_frozen = False  # True: BN uses and keeps its running statistics (fine-tuning)
-    c.model.input_size = config_dict.placeholder(int)  # N: resize images to NxN in the model
-
-    c.batch_size = 128  # global, over all devices and hosts
-    c.eval_batch_size = 500
-    c.reference_batch_size = 128  # the batch at which lr and step counts below are given
-    c.label_smoothing = 0.0  # Szegedy et al. 2016; the paper: 0
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 0.1
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = False
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.weight_decay_on = "all"  # 'all' (the paper) | 'kernels' | 'no_bn'
-
-    c.schedule = ml_collections.ConfigDict()
-    c.schedule.kind = "step"  # the paper; or 'cosine' (Loshchilov & Hutter 2017, to 0)
-    # Either steps (at reference_batch_size, rescaled with the batch) ...
-    c.schedule.total_steps = config_dict.placeholder(int)
-    c.schedule.boundaries = ()
-    c.schedule.warmup_steps = 0
-    # ... or epochs of the training set (independent of the batch size).
-    c.schedule.epochs = config_dict.placeholder(float)
-    c.schedule.boundary_epochs = ()
-    c.schedule.warmup_epochs = 0.0
-    c.schedule.decay_factor = 0.1
-    c.schedule.warmup_learning_rate = 0.01
-    c.schedule.warmup = "constant"  # the paper's ResNet-110 warm-up; or 'linear'
-
-    c.steps_per_dispatch = 100  # train steps fused into one compiled lax.scan (GPU/TPU)
-    c.log_every_steps = 500
-    c.eval_every_steps = 4_000
-    c.checkpoint_every_steps = 4_000
-    c.keep_checkpoints = 3
-    c.allow_config_change = False  # resume a workdir whose config.json differs
-    c.tensorboard = True  # event files next to metrics.jsonl, where TensorFlow is installed
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = "auto"  # 'auto' | 'never' | 'always'
-    c.distributed.coordinator_address = config_dict.placeholder(str)
-    c.distributed.num_processes = config_dict.placeholder(int)
-    c.distributed.process_id = config_dict.placeholder(int)
+    for name, field in declared.items():
+        *parents, leaf = name.split(".")
+        node = c
+        for p in parents:
+            if p not in node:
+                node[p] = ml_collections.ConfigDict()
+            node = node[p]
+        node[leaf] = config_dict.placeholder(field.check.type) if field.default is None else field.default
+    if dataset_name is not None:
+        c.dataset.name = dataset_name
     return c
 
 
@@ -389,7 +182,9 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
     lr_scale = batch / flat["reference_batch_size"]
     return Derived(
         learning_rate=flat["optimizer.learning_rate"] * lr_scale,
-        warmup_learning_rate=flat["schedule.warmup_learning_rate"] * lr_scale,
+        # From the batch actually used, whether the config file or the command line set it.
+        warmup_learning_rate=flat["schedule.warmup_learning_rate"]
+        * (lr_scale if flat["schedule.scale_warmup_learning_rate"] else 1.0),
         total_steps=total,
         boundaries=boundaries,
         warmup_steps=warmup,
