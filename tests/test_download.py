@@ -125,6 +125,24 @@ def test_official_constants() -> None:
     assert (cifar.CIFAR10_ARCHIVE.size, cifar.CIFAR100_ARCHIVE.size) == (170_052_171, 168_513_733)
 
 
+def tfds_registered_checksums(dataset: str) -> dict[str, tuple[int, str]]:
+    """url -> (size, sha256) as the installed tensorflow-datasets registers them
+    (`url_checksums/<dataset>.txt`: url, size, sha256, file name; tab-separated)."""
+    import importlib.resources
+
+    text = (importlib.resources.files("tensorflow_datasets") / "url_checksums" / f"{dataset}.txt").read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return {row[0]: (int(row[1]), row[2]) for row in rows}
+
+
+@pytest.mark.parametrize("dataset,spec", [("cifar10", cifar.CIFAR10_ARCHIVE), ("cifar100", cifar.CIFAR100_ARCHIVE)])
+def test_sizes_and_sha256_equal_what_tensorflow_datasets_registers(dataset: str, spec) -> None:
+    """Read from the installed tfds package, not copied: an archive tfds accepts, we accept."""
+    registered = tfds_registered_checksums(dataset)
+    assert spec.url in registered, sorted(registered)
+    assert (spec.size, spec.sha256) == registered[spec.url]
+
+
 def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(download.CACHE_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
