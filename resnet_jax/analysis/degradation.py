@@ -29,7 +29,6 @@ PAPER_RESNET_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7
 # github.com/akamaster/pytorch_resnet_cifar10, README (a PyTorch reimplementation, 200 epochs).
 AKAMASTER_RESNET_ERROR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.32, 1202: 6.18}
 
-DEFAULT_DEPTHS = (20, 32, 44, 56)
 _NAME = re.compile(r'^(plain|resnet)(\d+)$')
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
