@@ -118,11 +118,14 @@ def test_resume_after_a_crash_sees_the_same_examples(folder, tmp_path, monkeypat
     for step, labels in seen:
         by_step.setdefault(step, []).append(labels)
     # Steps 8..11 were read before the crash and again after it: the same labels both times.
-    assert all(len(v) == 2 and v[0] == v[1] for s, v in by_step.items() if 8 <= s < 12)
+    replayed = {s: v for s, v in by_step.items() if 8 <= s < 12}
+    assert sorted(replayed) == [8, 9, 10, 11]
+    assert all(len(v) == 2 and v[0] == v[1] for v in replayed.values())
     records = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "train"] == [4, 8, 12, 16, 20, 24]
     losses = {r["step"]: r["loss"] for r in read_metrics(straight / "metrics.jsonl") if r["split"] == "train"}
-    assert all(losses[r["step"]] == r["loss"] for r in records if r["split"] == "train")
+    assert [losses[r["step"]] for r in records if r["split"] == "train"] == [
+        r["loss"] for r in records if r["split"] == "train"]
 
 
 def test_evaluate_script_reproduces_the_runs_evaluation_and_runs_other_protocols(cli_run, folder, tmp_path):
