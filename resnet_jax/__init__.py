@@ -1,8 +1,11 @@
-"""ResNets of He et al. (2015, 2016) in JAX/Flax: models, CIFAR-10 training, data parallelism.
+"""ResNets of He et al. (2015, 2016) in JAX/Flax: models, CIFAR and ImageNet training, scaling out.
 
-models/ (blocks, networks, families, registry), summary (params and FLOPs), data/ (CIFAR-10
-sources, on-device augmentation, batching), train/ (config, optimizer, steps, loop,
-checkpoints, metrics), parallel (mesh, shardings, multi-host), main (the command line).
+models/ (blocks, networks, families, registry), summary (params and FLOPs), data/ (CIFAR-10/100
+sources and download, on-device augmentation, batching, ImageNet tf.data pipelines), train/
+(config, optimizer, steps, loop, checkpoints, metrics), parallel (mesh, shardings, multi-host),
+interop/ (torchvision/timm weights in and out, NNX), convert (its command line), analysis/ and
+experiments (the papers' experiments), main (the training command line). ``pretrained()`` below
+gives a Flax model and its weights in one call.
 """
 
 __version__ = "0.1.0"

@@ -1,14 +1,17 @@
 r"""Host input-pipeline throughput (images/s) on real JPEGs, against the Flax example's design.
 
-  python scripts/benchmark_input.py                       # ../shared samples, batch 32
-  python scripts/benchmark_input.py --images DIR --batch 32 --repeat 4 --rounds 3
+  python scripts/benchmark_input.py --images DIR --peer PEER.py             # batch 32, each file 12x
+  python scripts/benchmark_input.py --images DIR --peer PEER.py --batch 32 --repeat 4 --rounds 3
+
+`--images`: a folder of real ImageNet JPEGs named `<wnid>_*.JPEG`; `--peer`: a Python file
+defining `peer_dataset(paths, labels, batch, train)`, a tf.data pipeline to compare against.
 
 Measured in one process, on the same files, so the ratios are what to read:
 - `inception`: resnet_jax's Inception-style train transform (`transform='inception'`),
 - `paper`: resnet_jax's He et al. Sec. 3.4 train transform (scale aug + PCA lighting),
 - `eval_center`: resnet_jax's Resize(256) + CenterCrop(224) evaluation,
-- `peer_train` / `peer_eval`: the Flax ImageNet example's input pipeline design, restated
-  over a file list in ../shared/peers/flax_input_pipeline.py (imported by path, not copied).
+- `peer_train` / `peer_eval`: the peer pipeline of `--peer` (e.g. the Flax ImageNet example's
+  input pipeline design restated over a file list; imported by path, not copied).
 Every pipeline is built, warmed up (`--warmup` batches, which also fills the prefetch
 buffers), then timed over `--batches` batches; pipelines take turns for `--rounds` rounds
 and the median per pipeline is reported, so machine load affects all of them alike.
@@ -31,22 +34,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "imagenet-samples"
-DEFAULT_PEER = ROOT.parent / "shared" / "peers" / "flax_input_pipeline.py"
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of <wnid>_*.JPEG files")
-    p.add_argument("--peer", default=str(DEFAULT_PEER), help="path of the peer pipeline module")
+    p.add_argument("--images", required=True, help="folder of <wnid>_*.JPEG files")
+    p.add_argument("--peer", required=True, help="path of the peer pipeline module (defines peer_dataset)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=12, help="each file appears this many times")
     p.add_argument("--warmup", type=int, default=12, help="batches before timing (fills prefetch buffers)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="tf.data threads for resnet_jax (default: all)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not Path(args.images).is_dir():
+        p.error(f"--images {args.images}: no such folder (give a folder of <wnid>_*.JPEG files)")
+    if not Path(args.peer).is_file():
+        p.error(f"--peer {args.peer}: no such file (give a Python file defining peer_dataset)")
+    return args
 
 
 def image_files(directory: Path) -> list[tuple[Path, str]]:

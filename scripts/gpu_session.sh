@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 13 in as few device runs as possible (see ../shared/gpu/README.md for
-# staging): `bash ../shared/gpu/stage.sh`, then the three staging runs, the third running
-#   source .gpu/tools/device-env.sh && bash scripts/gpu_session.sh [speed|cifar|all]
+# The GPU checks in as few device runs as possible, from the repository root of a machine whose
+# environment has this package installed:
+#   bash scripts/gpu_session.sh [speed|cifar|all]
+# PYTHON names the interpreter (default python3); PEERS names an optional peer-baseline script
+# run in the same session (default .gpu/tools/peers.py; skipped when the file is absent);
+# CIFAR10_DIR names the CIFAR-10 binary files (else the download cache, see docs/cifar.md).
 # `speed` (about 5 min): the train-step benchmarks and the peers of the same run;
-# `cifar` (the rest of a 10-min call): the paper's full ResNet-20 schedule, then as many of
+# `cifar` (the rest of a 10-minute budget): the paper's full ResNet-20 schedule, then as many of
 # ResNet-32/44/56/110 and plain-20/56 as fit before $DEADLINE_S seconds (default 540).
 # Writes under $OUT (default /tmp/gpu_out), one JSON object per line:
 #   bench.jsonl  resnet_jax vs the plain per-step jit loop (same process): ResNet-20 b128/b1024,

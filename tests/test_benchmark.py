@@ -6,6 +6,7 @@ import json
 import pytest
 
 from _configs import ROOT
+from _imagenet import SAMPLES_DIR
 
 
 def test_benchmark_reports_both_measurements_as_json(capsys):
@@ -45,7 +46,9 @@ def test_input_benchmark_times_ours_and_the_peer_on_the_same_files(capsys):
     spec = importlib.util.spec_from_file_location("benchmark_input", ROOT / "scripts" / "benchmark_input.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--rounds", "1", "--warmup", "1", "--batches", "2", "--repeat", "1", "--batch", "4"])
+    peer = ROOT.parent / "shared" / "peers" / "flax_input_pipeline.py"  # the development folder's
+    out = bench.main(["--images", str(SAMPLES_DIR), "--peer", str(peer), "--rounds", "1", "--warmup", "1",
+                      "--batches", "2", "--repeat", "1", "--batch", "4"])
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(json.dumps(out))
     names = {"inception", "paper", "eval_center", "peer_train", "peer_eval"}
     assert set(out["images_per_s"]) == set(out["images_per_cpu_s"]) == names
