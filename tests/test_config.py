@@ -98,6 +98,7 @@ def test_linear_scaling_rule(base):
     ({"model.name": ""}, "model.name"),
     ({"model.dtype": "float16"}, "model.dtype"),
     ({"model.shortcut": "D"}, "model.shortcut"),
+    ({"model.stride_on_3x3": 1}, "model.stride_on_3x3"),  # 1 == True, but not a bool
     ({"model.width_multiplier": 0.0}, "model.width_multiplier"),
     ({"model.width_multiplier": 65.0}, "model.width_multiplier"),
     ({"model.ghost_batch_size": 5}, "model.ghost_batch_size"),

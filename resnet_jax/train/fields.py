@@ -85,7 +85,8 @@ def real(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool =
 
 def choice(*allowed: Any, optional: bool = False) -> Check:
     def accepts(v):
-        return (v is None and optional) or any(v == a and type(v) is type(a) for a in allowed)
+        # isinstance: 1 == True, yet 1 is no answer to a True/False question.
+        return (v is None and optional) or any(v == a and isinstance(v, type(a)) for a in allowed)
 
     words = "one of " + ", ".join(repr(a) for a in allowed) + _or_none(optional)
     return Check(accepts, words, type(allowed[0]))
