@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 
-
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of <wnid>_*.JPEG files")
