@@ -31,21 +31,36 @@ def load_config_file(path: str | Path, arg: str):
     if not path.is_file():
         raise FileNotFoundError(f'--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py '
                                 'in the repository)')
+    from resnet_jax.errors import UserError
     spec = importlib.util.spec_from_file_location(f'_experiment_config_{path.stem}', path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001  whatever the user's file raises, its message says it
+        raise UserError(f'--config {path}: the config file does not load: {type(e).__name__}: {e}') from None
     return module.get_config(arg)
 
 
 def _set_field(config: Any, dotted: str, text: str) -> None:
+    """``--set a.b=text``: a misspelt field or a value of the wrong type is a ConfigError naming it."""
+    import difflib
+
     from resnet_jax.summary import parse_value
+    from resnet_jax.train.config import ConfigError
     node = config
-    *parents, leaf = dotted.split('.')
-    for p in parents:
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f'--set {dotted}: no such config field')
-    node[leaf] = parse_value(text)
+    keys = dotted.split('.')
+    for i, key in enumerate(keys):
+        fields = list(node.keys()) if hasattr(node, 'keys') else []
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ConfigError(f"--set {dotted}={text}: no such config field {'.'.join(keys[:i + 1])!r}"
+                              + (f'; did you mean {close[0]!r}?' if close else ''))
+        if i < len(keys) - 1:
+            node = node[key]
+    try:
+        node[keys[-1]] = parse_value(text)
+    except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
+        raise ConfigError(f'--set {dotted}={text}: {e}') from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -86,6 +101,8 @@ def _degradation(args: argparse.Namespace) -> int:
         return config
 
     if not args.plot_only:
+        for name in names:  # every --config/--set mistake before the first net trains
+            make_config(name)
         trained = deg.run_sweep(names, args.workdir, make_config)
         logging.info('trained %s', trained or 'nothing (every net was done)')
     data = deg.collect(names, args.workdir)
@@ -262,9 +279,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger('absl').setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except Exception as e:  # mapped by family (resnet_jax.errors); a bug goes on
+        from resnet_jax import errors
+        status = errors.exit_status(e)
+        if status is None and isinstance(e, (ValueError, KeyError, ImportError)):
+            status = errors.EXIT_USER_ERROR
+        if status is None:
+            raise
+        print(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}', file=sys.stderr)
+        return status
 
 
 if __name__ == '__main__':

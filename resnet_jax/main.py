@@ -7,10 +7,21 @@ Rerunning the same command resumes from the newest good checkpoint in the workdi
 The console shows what runs where, the progress bar, evaluations and a summary;
 `--verbosity=0` (absl's INFO, with its prefixes and every library's INFO lines, JAX's
 backend probing included) or `--verbosity=1` (DEBUG) bring the details back.
-Exit status: 0 done; 2 a mistake in the config, the data or the workdir (one line,
-before anything is compiled), or a full/unwritable disk; 3 the loss diverged (the last
-good checkpoint is kept); 143 (128 + SIGTERM) preempted after saving a checkpoint:
-rerun the same command to resume.
+
+Exit status (every failure below is one line on stderr, `error:` or `stopped:`):
+  0    done.
+  2    a mistake to fix before rerunning: a misspelt or mistyped `--config.` override, a
+       config file that does not load, a bad config value, missing or malformed data, a
+       workdir that is unusable, full, read-only or in use by another run (the line names
+       its host and pid), a missing file. Said before anything is compiled where possible.
+  3    the loss diverged; the last good checkpoint is kept.
+  75   (EX_TEMPFAIL) the infrastructure failed: the network, the distributed runtime, a
+       peer process that died. Nothing is wrong with the run: a scheduler should retry;
+       rerunning resumes from the last checkpoint.
+  130  (128 + SIGINT) Ctrl-C: the dispatched steps were finished and a checkpoint saved and
+       verified; rerun the same command to resume. A second Ctrl-C stops at once.
+  143  (128 + SIGTERM) preempted, same as Ctrl-C.
+  1    anything else is a bug, shown with its traceback.
 """
 
 from __future__ import annotations
@@ -20,23 +31,43 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_jax.console import configure_logging
-from resnet_jax.data import DataError
-from resnet_jax.parallel import DistributedError
-from resnet_jax.train.checkpoint import CheckpointError
-from resnet_jax.train.config import ConfigError
-from resnet_jax.train.loop import NonFiniteLossError, PreemptedError, train_and_evaluate
-from resnet_jax.train.workdir import WorkdirError
+from resnet_jax import errors
+from resnet_jax.console import configure_logging, parse_flags
+from resnet_jax.train.loop import PreemptedError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet20.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# OSError: a disk that fills up or turns read-only mid-run (metrics, results.json);
-# its message names the file.
-USER_ERRORS = (ConfigError, DataError, WorkdirError, CheckpointError, DistributedError, OSError)
-EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 2, 3, 128 + 15
+EXIT_INTERRUPTED = 128 + 2  # the shell's status for a death by SIGINT
+
+
+def report(error: BaseException) -> int | None:
+    """Prints `error` as one line and returns the exit status its family means; None for a
+    bug (the caller re-raises it, traceback and all)."""
+    if isinstance(error, KeyboardInterrupt):
+        # A second Ctrl-C, or one before training started: nothing was left half-done.
+        print("stopped: interrupted (Ctrl-C) before a checkpoint could be saved; rerun the same command to "
+              "resume from the last one", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    status = errors.exit_status(error)
+    if status is None:
+        return None
+    if isinstance(error, PreemptedError):
+        print(f"stopped: {error}", file=sys.stderr)
+    elif status == errors.EXIT_TRANSIENT and not isinstance(error, errors.TransientError):
+        print(f"error: {_one_line(error)} ({type(error).__name__}: the infrastructure failed, not the run; "
+              "rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+    else:
+        print(f"error: {error}", file=sys.stderr)
+    return status
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of a runtime's message (jaxlib's carry stack traces below it)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def main(argv: list[str]) -> None:
@@ -45,16 +76,14 @@ def main(argv: list[str]) -> None:
     configure_logging(detailed=flags.FLAGS["verbosity"].present)
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED)
-    except PreemptedError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+    except BaseException as e:  # mapped by family; bugs and SystemExit go on
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
+        status = report(e)
+        if status is None:
+            raise
+        sys.exit(status)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnet_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 # Environment variables that say "this process is one of several" to jax.distributed's
@@ -24,7 +26,7 @@ _CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"
                   "JAX_COORDINATOR_ADDRESS", "JOBSET_NAME")
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
     """The multi-process set-up does not match what the config or environment says."""
 
 

@@ -26,9 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from resnet_jax import models, parallel
-from resnet_jax.console import configure_logging
-from resnet_jax.data import DataError
+from resnet_jax import errors, models, parallel
+from resnet_jax.console import configure_logging, parse_flags
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop, sources, steps
@@ -113,9 +112,12 @@ def main(argv: list[str]) -> None:
     path = _WORKDIR.value or _CHECKPOINT.value
     try:
         result = evaluate(config, path)
-    except (config_lib.ConfigError, DataError, OSError) as e:
+    except Exception as e:  # mapped by family (resnet_jax.errors); a bug goes on
+        status = errors.exit_status(e)
+        if status is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(status)
     print(json.dumps(result, indent=1))
     output = _OUTPUT.value or (f"{_WORKDIR.value}/eval_{result['protocol']}.json" if _WORKDIR.value else None)
     if output and parallel.is_main_process():
@@ -123,4 +125,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

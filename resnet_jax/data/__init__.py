@@ -5,8 +5,10 @@ Submodules are imported explicitly (``resnet_jax.data.cifar``, ``.augment``,
 TensorFlow. This module owns only the error type shared by every data source.
 """
 
+from resnet_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A dataset file or directory is missing, malformed or inconsistent.
 
     Messages name the offending file (and record, where one is at fault) and say

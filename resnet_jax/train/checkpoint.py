@@ -56,6 +56,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from resnet_jax.errors import UserError
 from resnet_jax.train.workdir import atomic_write_json, fsync_dir, to_json_compatible
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ _OK, _UNVERIFIED, _CORRUPT = "ok", "unverified", "corrupt"
 _VERDICTS = (_OK, _UNVERIFIED, _CORRUPT)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written, or none of the existing ones can be restored."""
 
 

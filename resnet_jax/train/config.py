@@ -18,10 +18,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import models
+from resnet_jax.errors import UserError
 from resnet_jax.train import fields
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field has a bad type or value; the message names the field."""
 
 

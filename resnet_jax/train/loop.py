@@ -10,10 +10,12 @@ cadences. The end: results.json.
 The data source (`sources.py`) is the only part that knows which dataset this is.
 
 Crash safety lives here where it needs the loop: SIGTERM (the preemption notice of spot
-VMs, TPU pods, Slurm and Kubernetes) is turned into "finish this chunk, save, stop with
-PreemptedError"; a non-finite loss or norm stops the run before that state can be saved;
-whatever ends the loop early, the pending asynchronous save is completed and verified
-first, so the last good checkpoint is on disk when the process exits.
+VMs, TPU pods, Slurm and Kubernetes) and a first Ctrl-C are turned into "finish this
+chunk, save, stop with PreemptedError" (a second Ctrl-C stops at once); a non-finite
+loss or norm stops the run before that state can be saved; whatever ends the loop early,
+the pending asynchronous save is completed and verified first, so the last good
+checkpoint is on disk when the process exits. The workdir is locked for the run's
+duration (`prepare_workdir(lock=True)`): a second run in it is refused.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax import models, parallel
+from resnet_jax.errors import ResNetJaxError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.metrics import MetricsWriter, Progress, describe_devices, read_metrics
 from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
-from resnet_jax.train.workdir import atomic_write_json, prepare_workdir
+from resnet_jax.train.workdir import atomic_write_json, prepare_workdir, release_workdir
 
 log = logging.getLogger(__name__)
 
@@ -50,43 +53,68 @@ log = logging.getLogger(__name__)
 _DISK_MARGIN_BYTES = 64 << 20
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ResNetJaxError, RuntimeError):
     """Training produced a NaN or infinite loss; the run stops, checkpoints are kept."""
 
+    exit_status = 3
 
-class PreemptedError(RuntimeError):
-    """SIGTERM arrived: a checkpoint of the current step was saved; rerunning resumes."""
+
+class PreemptedError(ResNetJaxError, RuntimeError):
+    """SIGTERM (or Ctrl-C) arrived: a checkpoint of the current step was saved; rerunning resumes.
+
+    `exit_status` is the shell's for a death by that signal (128 + signal number: 143, 130),
+    so a scheduler sees the signal it sent, yet the checkpoint is on disk."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + int(signum)
 
 
 class _PreemptionNotice:
-    """Remembers a SIGTERM during training instead of dying mid-step.
+    """Remembers a SIGTERM or a first Ctrl-C (SIGINT) during training instead of dying mid-step.
 
+    A second Ctrl-C stops at once (KeyboardInterrupt): the way out when saving hangs.
     Only the main thread may install signal handlers; elsewhere (a notebook's worker
-    thread) SIGTERM keeps its default meaning, said in a warning.
+    thread) the signals keep their default meaning, said in a warning.
     """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received = False
+        self.signum: int | None = None
         self._installed = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_PreemptionNotice":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self._SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
             self._installed = True
         else:
             log.warning("not in the main thread: SIGTERM will kill the run without a final checkpoint")
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the save
+        if self.received:
+            return
         self.received = True
-        log.warning("SIGTERM received: finishing the current steps, saving a checkpoint, then stopping")
+        self.signum = signum
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: finishing the current steps, saving a checkpoint, then stopping "
+                        "(Ctrl-C again stops at once, without it)")
+        else:
+            log.warning("SIGTERM received: finishing the current steps, saving a checkpoint, then stopping")
 
     def __exit__(self, *exc_info: object) -> None:
         if self._installed:
-            # None: the old handler was not set from Python; the default is the best guess.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            for signum, previous in self._previous.items():
+                # None: the old handler was not set from Python; the default is the best guess.
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
     def agreed(self) -> bool:
         """Whether any process got the notice: all must stop at the same step, or the
@@ -170,6 +198,8 @@ def _finish_saves_quietly(checkpointer: Checkpointer, error: BaseException) -> N
     """
     if jax.process_count() > 1 and not isinstance(error, NonFiniteLossError):
         return
+    if isinstance(error, KeyboardInterrupt):
+        return  # a second Ctrl-C means now; a half-written save is skipped at the next restore
     try:
         checkpointer.close()
     except Exception as e:  # the original error matters more; this one is logged
@@ -208,8 +238,16 @@ class _Run:
         self.workdir = prepare_workdir(
             workdir, config.to_dict(), allow_config_change=config.allow_config_change,
             ignore_keys=set(config_lib.RESUMABLE_CHANGES), override_hint="--config.allow_config_change=True",
-            min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints))
+            min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints),
+            lock=True)
+        try:
+            self._set_up(config, model, init_state)
+        except BaseException:
+            release_workdir(self.workdir)
+            raise
 
+    def _set_up(self, config: ml_collections.ConfigDict, model: Any, init_state: Any) -> None:
+        """Everything after the workdir is locked: the data source, the state, the checkpoints."""
         train_step = functools.partial(steps.train_step, label_smoothing=config.label_smoothing)
         self.source = sources.build(config, self.mesh, self.info, train_step, steps.eval_step)
         self.state = init_state()
@@ -314,15 +352,21 @@ class _Run:
         self.last_good = self.step
 
     def abort(self, error: BaseException) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        self.writer.close()
-        _finish_saves_quietly(self.checkpointer, error)
+        try:
+            if self.progress is not None:
+                self.progress.close()
+            self.writer.close()
+            _finish_saves_quietly(self.checkpointer, error)
+        finally:
+            release_workdir(self.workdir)
 
     def close(self) -> None:
-        self.progress.close()
-        self.writer.close()
-        self.checkpointer.close()
+        try:
+            self.progress.close()
+            self.writer.close()
+            self.checkpointer.close()
+        finally:
+            release_workdir(self.workdir)
 
     def results(self) -> dict[str, Any]:
         # Resumed a finished run whose metrics.jsonl lacks the final evaluation: evaluate
@@ -370,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains and evaluates as `config` says, in `workdir`; returns what results.json holds.
 
     Raises ConfigError, WorkdirError, DataError, CheckpointError for what a user can fix;
-    NonFiniteLossError when training diverges; PreemptedError after SIGTERM and a save.
+    NonFiniteLossError when training diverges; PreemptedError after SIGTERM or Ctrl-C and a save.
     """
     run = _Run(config, workdir)
     preempted = False
@@ -389,9 +433,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise
     if preempted:
         run.close()
+        # Another process's SIGTERM stops this one too: it says SIGTERM.
+        signum = notice.signum if notice.signum is not None else signal.SIGTERM
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted (SIGTERM)"
         raise PreemptedError(
-            f"preempted (SIGTERM) at step {run.step} of {run.total}; checkpoint step {run.step} is saved in "
-            f"{run.checkpointer.directory}: rerun the same command to resume from it")
+            f"{what} at step {run.step} of {run.total}; checkpoint step {run.step} is saved in "
+            f"{run.checkpointer.directory}: rerun the same command to resume from it", signum=signum)
     results = run.results()
     if run.main:
         atomic_write_json(run.workdir / "results.json", results)

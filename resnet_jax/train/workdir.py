@@ -2,12 +2,14 @@
 
 A workdir holds everything a run needs to resume and to be judged (config.json,
 metrics.jsonl, checkpoints/, results.json). This module owns the checks made before
-any compile (writable? enough free space? same config as the run being resumed?) and
-the crash-safe way of writing small files into it.
+any compile (writable? enough free space? in use by another run? same config as the
+run being resumed?) and the crash-safe way of writing small files into it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -22,9 +24,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from resnet_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 
 # Non-finite floats are not valid JSON; they are written as these strings (the
 # spellings JavaScript and Python's own `json` use) so a diverged run's NaN loss
@@ -32,7 +37,7 @@ CONFIG_FILE = "config.json"
 STR_TO_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-class WorkdirError(ValueError):
+class WorkdirError(UserError, ValueError):
     """The workdir cannot be used as asked (unwritable, full, or a different config)."""
 
 
@@ -168,6 +173,52 @@ def _check_free_space(path: Path, min_free_bytes: int) -> None:
         )
 
 
+# Workdirs this process holds: absolute path -> the open lock file (its flock is the lock).
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def _lock(path: Path) -> None:
+    """Takes the workdir's lock for this process, or raises WorkdirError naming its holder.
+
+    An flock on `.lock`: the kernel releases it when the holder dies, however it dies
+    (kill -9 included), so a crashed run never blocks its rerun, and no pid has to be
+    guessed alive. The file keeps the holder's host and pid for the message only.
+    Reentrant within a process (a notebook that runs twice in one workdir).
+    """
+    if path in _HELD_LOCKS:
+        return
+    lock_path = path / LOCK_FILE
+    # Held open past this function (the open file is the lock); "a+" never truncates the holder's line.
+    f = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise WorkdirError(f"workdir {str(path)!r} cannot be locked ({e}); choose another --workdir") from e
+        raise WorkdirError(
+            f"workdir {str(path)!r} is in use by {holder}; wait for that run to end (or stop it), "
+            "or choose another --workdir") from None
+    except BaseException:
+        f.close()
+        raise
+    f.seek(0)
+    f.truncate()
+    f.write(f"the run of pid {os.getpid()} on host {socket.gethostname()} (started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n")
+    f.flush()
+    _HELD_LOCKS[path] = f
+
+
+def release_workdir(workdir: str | os.PathLike) -> None:
+    """Releases the lock `prepare_workdir(..., lock=True)` took; nothing if none is held."""
+    f = _HELD_LOCKS.pop(Path(os.path.abspath(os.path.expanduser(os.fspath(workdir)))), None)
+    if f is not None:
+        f.close()  # closing the file drops the flock
+
+
 def _read_config(path: Path) -> dict[str, Any] | None:
     """The stored config, or None when the file is unreadable (named in a warning)."""
     try:
@@ -238,6 +289,7 @@ def prepare_workdir(
     override_hint: str = "--config.allow_config_change=True",
     min_free_bytes: int = 0,
     is_primary: bool | None = None,
+    lock: bool = False,
 ) -> Path:
     """Creates and checks `workdir`; returns its absolute path.
 
@@ -254,6 +306,11 @@ def prepare_workdir(
     unless `allow_config_change`, in which case the old file is kept as
     config.<timestamp>.json and a warning lists the changes. `override_hint` is the
     caller's spelling of that switch, quoted in the error.
+
+    With `lock`, the primary process also takes the workdir's lock (before config.json
+    is read, so two runs never race on it) and keeps it until `release_workdir`; a
+    workdir that a live run holds is refused with its host and pid. A failed check
+    releases it again.
     """
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(workdir))))
     if is_primary is None:
@@ -263,6 +320,8 @@ def prepare_workdir(
         _make_dir(path)
         _check_writable(path)
         _check_free_space(path, min_free_bytes)
+        if is_primary and lock:
+            _lock(path)
         if is_primary:
             try:
                 config = to_json_compatible(config_json)
@@ -277,7 +336,12 @@ def prepare_workdir(
             )
     except (ValueError, OSError) as e:  # WorkdirError is a ValueError
         failure = e
-    _raise_agreed(failure)
+    try:
+        _raise_agreed(failure)
+    except BaseException:
+        if lock:
+            release_workdir(path)
+        raise
     return path
 
 

@@ -1,0 +1,278 @@
+"""The command lines' behaviour on mistakes and interruptions, each through a real subprocess:
+one `error:`/`stopped:` line and an exit status by error family (resnet_jax.errors), no
+tracebacks for what the user can fix; Ctrl-C saves like SIGTERM; one run per workdir."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _configs import ROOT
+from test_reliability import cli_command
+
+from resnet_jax import errors, parallel
+from resnet_jax.data import DataError
+from resnet_jax.train import checkpoint, loop, workdir
+from resnet_jax.train.checkpoint import verify_files
+from resnet_jax.train.config import ConfigError
+
+TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    proc = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, check=False)
+    return proc.returncode, proc.stderr
+
+
+def assert_one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+# --- 1. one error family ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, base, status", [
+    (ConfigError, ValueError, 2), (DataError, ValueError, 2), (workdir.WorkdirError, ValueError, 2),
+    (checkpoint.CheckpointError, RuntimeError, 2), (parallel.DistributedError, ValueError, 2),
+    (loop.NonFiniteLossError, RuntimeError, 3), (loop.PreemptedError, RuntimeError, 143)])
+def test_every_error_class_is_in_the_family_and_keeps_its_builtin_base(cls, base, status):
+    assert issubclass(cls, errors.ResNetJaxError) and issubclass(cls, base)
+    assert errors.exit_status(cls("x")) == status
+    assert issubclass(cls, errors.UserError) == (status == 2)
+
+
+def test_exit_status_of_foreign_errors():
+    assert errors.exit_status(OSError(errno.ENOSPC, "No space left on device")) == 2
+    assert errors.exit_status(OSError(errno.EROFS, "Read-only file system")) == 2
+    assert errors.exit_status(FileNotFoundError(errno.ENOENT, "missing")) == 2
+    assert errors.exit_status(ConnectionResetError(errno.ECONNRESET, "reset")) == 75
+    assert errors.exit_status(TimeoutError("coordinator")) == 75
+    assert errors.exit_status(errors.TransientError("x")) == 75
+    assert errors.exit_status(loop.PreemptedError("x", signum=signal.SIGINT)) == 130
+    assert errors.exit_status(RuntimeError("a bug")) is None
+
+    class XlaRuntimeError(RuntimeError):  # jaxlib's name; its wording as a dead gloo peer gives it
+        pass
+
+    assert errors.exit_status(XlaRuntimeError("UNAVAILABLE: failed to connect to all addresses")) == 75
+    assert errors.exit_status(XlaRuntimeError("INTERNAL: gloo: Connection closed by peer")) == 75
+    assert errors.exit_status(XlaRuntimeError("INVALID_ARGUMENT: shapes differ")) is None
+
+
+# main with train_and_evaluate replaced by one that raises `error`: how each family leaves it.
+_RAISING_MAIN = """
+import errno, sys
+from absl import app
+from resnet_jax import errors, main
+from resnet_jax.train.checkpoint import CheckpointError
+
+def failing(config, workdir):
+    raise {error}
+
+main.train_and_evaluate = failing
+sys.argv = ["resnet_jax.main"] + sys.argv[1:]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("error, status, words", [
+    ("CheckpointError('no checkpoint in w can be restored')", 2, "error: no checkpoint in w can be restored"),
+    ("OSError(errno.ENOSPC, 'No space left on device', 'w/metrics.jsonl')", 2, "No space left on device"),
+    ("ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')", 75, "rerun the same command"),
+    ("errors.TransientError('the coordinator went away')", 75, "error: the coordinator went away"),
+], ids=["checkpoint", "disk-full", "network", "transient"])
+def test_main_maps_errors_by_family(error, status, words, env, tmp_path):
+    args = [sys.executable, "-c", _RAISING_MAIN.format(error=error), "--config", "configs/cifar10.py:resnet8",
+            "--workdir", str(tmp_path / "w")]
+    rc, err = run_cli(args, env)
+    assert rc == status, err[-3000:]
+    assert words in assert_one_error_line(err)
+
+
+def test_a_bug_keeps_its_traceback(env, tmp_path):
+    args = [sys.executable, "-c", _RAISING_MAIN.format(error="RuntimeError('a bug')"), "--config",
+            "configs/cifar10.py:resnet8", "--workdir", str(tmp_path / "w")]
+    rc, err = run_cli(args, env)
+    assert rc == 1 and "Traceback" in err and "RuntimeError: a bug" in err, err[-3000:]
+
+
+# --- 2. mistakes on the command line -------------------------------------------------------------
+
+_MAIN = [sys.executable, "-m", "resnet_jax.main", "--workdir", "{w}"]
+_EVALUATE = [sys.executable, "scripts/evaluate.py", "--workdir", "{w}"]
+_EXPERIMENTS = [sys.executable, "-m", "resnet_jax.experiments", "degradation", "--depths", "20", "--steps", "4",
+                "--workdir", "{w}"]
+
+
+@pytest.mark.parametrize("command", [_MAIN, _EVALUATE], ids=["main", "evaluate"])
+@pytest.mark.parametrize("mistake, words", [
+    (["--config", "configs/cifar10.py:resnet8", "--config.optimizer.learnin_rate=0.1"],
+     ["--config.optimizer.learnin_rate=0.1", "no such config field", 'did you mean "learning_rate"']),
+    (["--config", "configs/cifar10.py:resnet8", "--config.batch_size=abc"], ["--config.batch_size=abc", "'abc'"]),
+    (["--config", "configs/no_such_file.py:resnet8"],
+     ["--config configs/no_such_file.py:resnet8", "No such file or directory"]),
+], ids=["misspelt", "bad-type", "missing-file"])
+def test_a_config_mistake_is_one_line_and_status_2(command, mistake, words, env, tmp_path):
+    rc, err = run_cli([a.format(w=tmp_path / "w") for a in command] + mistake, env)
+    assert rc == 2, err[-3000:]
+    line = assert_one_error_line(err)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("mistake, words", [
+    (["--set", "optimizer.learnin_rate=0.1"], ["optimizer.learnin_rate", "no such config field",
+                                               "did you mean 'learning_rate'"]),
+    (["--set", "batch_size=abc"], ["--set batch_size=abc", "int"]),
+    (["--config", "configs/no_such_file.py"], ["--config configs/no_such_file.py", "no such config file"]),
+], ids=["misspelt", "bad-type", "missing-file"])
+def test_experiments_config_mistake_is_one_line_and_status_2(mistake, words, env, tmp_path):
+    rc, err = run_cli([a.format(w=tmp_path / "w") for a in _EXPERIMENTS] + mistake, env)
+    assert rc == 2, err[-3000:]
+    line = assert_one_error_line(err)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "w").exists(), "a net started training before the mistake was found"
+
+
+# --- 4. Ctrl-C -----------------------------------------------------------------------------------
+
+class Watched:
+    """A command line in its own session, SIGINT not ignored (as at a terminal); stderr
+    collected line by line while it runs."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True, restore_signals=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, condition, timeout: float = TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                self._reader.join(timeout=10)
+                pytest.fail("never happened; stderr:\n" + "".join(self.lines)[-3000:])
+            time.sleep(0.01)
+
+    def wait_for_line(self, text: str, timeout: float = TIMEOUT_S) -> None:
+        self.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+    def finish(self, timeout: float = TIMEOUT_S) -> tuple[int, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self._reader.join(timeout=10)
+        return rc, "".join(self.lines)
+
+
+def _first_train_line(metrics: Path):
+    return lambda: metrics.is_file() and metrics.stat().st_size > 0
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_then_rerun_resumes(cifar_dir, tmp_path, env):
+    work = tmp_path / "interrupted"
+    # The cadence would save only at step 16: any earlier checkpoint is the interrupt's.
+    cmd = cli_command(work, cifar_dir, checkpoint_every_steps=16)
+    proc = Watched(cmd, env)
+    proc.wait_for(_first_train_line(work / "metrics.jsonl"))
+    proc.proc.send_signal(signal.SIGINT)
+    rc, err = proc.finish()
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped: interrupted (Ctrl-C) at step ") and "rerun the same command" in line, line
+    saved = int(re.search(r"at step (\d+)", line).group(1))
+    assert saved in (4, 8, 12)
+    ckpt = work / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [saved]
+    manifest = json.loads((ckpt / "manifests" / f"{saved}.json").read_text())
+    assert verify_files(ckpt / str(saved), manifest["files"]) == []
+
+    rc, err = run_cli(cmd, env)
+    assert rc == 0, err[-3000:]
+    assert json.loads((work / "results.json").read_text())["resumed_from"] == saved
+
+
+# The forced save after a Ctrl-C takes a minute here, so the second Ctrl-C certainly lands
+# in it; "saving" on stderr says when.
+_SLOW_SAVE_MAIN = """
+import sys, time
+from absl import app
+from resnet_jax import main
+from resnet_jax.train.checkpoint import Checkpointer
+
+def slow_save(self, step, items, metadata=None, force=False):
+    print("saving", file=sys.stderr, flush=True)
+    time.sleep(120)
+
+Checkpointer.save = slow_save
+sys.argv = ["resnet_jax.main"] + sys.argv[1:]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once(cifar_dir, tmp_path, env):
+    work = tmp_path / "impatient"
+    cmd = cli_command(work, cifar_dir, checkpoint_every_steps=16)
+    cmd = [sys.executable, "-c", _SLOW_SAVE_MAIN] + cmd[cmd.index("--config"):]
+    proc = Watched(cmd, env)
+    proc.wait_for(_first_train_line(work / "metrics.jsonl"))
+    proc.proc.send_signal(signal.SIGINT)
+    proc.wait_for_line("saving")
+    proc.proc.send_signal(signal.SIGINT)
+    rc, err = proc.finish(timeout=60)  # well before the save's two minutes
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped: interrupted (Ctrl-C) before a checkpoint"), err
+
+
+# --- 5. one run per workdir ----------------------------------------------------------------------
+
+def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_does_not_block(cifar_dir, tmp_path, env):
+    work = tmp_path / "shared"
+    cmd = cli_command(work, cifar_dir, schedule__total_steps=4000, schedule__boundaries=(3000,),
+                      checkpoint_every_steps=4000)
+    holder = Watched(cmd, env)
+    try:
+        holder.wait_for(_first_train_line(work / "metrics.jsonl"))
+        rc, err = run_cli(cmd, env)
+        assert rc == 2, err[-3000:]
+        line = assert_one_error_line(err)
+        assert "is in use by" in line and f"pid {holder.proc.pid} on host {socket.gethostname()}" in line, line
+        assert holder.proc.poll() is None, "the refused run disturbed the holder"
+    finally:
+        holder.proc.kill()  # dies without releasing anything itself
+        holder.finish()
+    assert (work / workdir.LOCK_FILE).is_file()
+    # The killed holder's lock does not block a rerun (a shorter one, to finish quickly).
+    rc, err = run_cli(cli_command(work, cifar_dir, allow_config_change=True), env)
+    assert rc == 0, err[-3000:]
+    assert json.loads((work / "results.json").read_text())["steps"] == 16
