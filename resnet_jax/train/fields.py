@@ -273,9 +273,10 @@ def fields_table() -> str:
         "# Config fields",
         "",
         "Generated from `resnet_jax/train/fields.py` by `scripts/write_config_table.py`; do not edit.",
-        "Defaults are the 2015 paper's CIFAR-10 recipe; `configs/*.py` change what their recipe changes",
-        "(ImageNet: batch 256, 90 epochs, ...). Set any field with `--config.FIELD=VALUE`. *Resume*: yes",
-        "if the field may differ when a run resumes from its workdir (it does not change the results).",
+        "Defaults are the 2015 paper's; `configs/*.py` set what their recipe sets (CIFAR-10: 64k steps,",
+        "drops at 32k and 48k; ImageNet: batch 256, 90 epochs, ...). Set any field with",
+        "`--config.FIELD=VALUE`. *Resume*: yes if the field may differ when a run resumes from its",
+        "workdir (it does not change the results).",
     ]
     for heading, block in blocks().items():
         lines += ["", f"## {heading}", "", "| Field | Default | Allowed | Resume | Meaning |",
