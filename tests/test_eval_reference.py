@@ -157,3 +157,198 @@ def test_ties_rank_the_lower_class_index_first():
     np.testing.assert_array_equal(rank, [0, 1, 4, 5, 0, 1, 4, 5])
     assert float(out["wrong"]) == np.sum(rank >= 1) == 6
     assert float(out["wrong5"]) == np.sum(rank >= 5) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the trainer's metrics.jsonl and (c) scripts/evaluate.py, on real JPEGs
+
+N_VAL, EVAL_BATCH = 6, 4  # two eval batches, the second with 2 padding rows
+TINY = {
+    "model.width_multiplier": 0.125, "dataset.name": "image_folder", "dataset.image_size": 32,
+    "dataset.scale_range": (36, 44), "dataset.eval_resize": 36, "dataset.eval_scales": (32, 40),
+    "batch_size": 8, "reference_batch_size": 8, "eval_batch_size": EVAL_BATCH, "optimizer.learning_rate": 1e-4,
+    "model.bn_frozen": True,
+    "schedule.total_steps": 1, "schedule.epochs": None, "schedule.boundary_epochs": (), "steps_per_dispatch": 1,
+    "log_every_steps": 1, "eval_every_steps": 1, "checkpoint_every_steps": 1, "tensorboard": False,
+}
+PROTOCOLS = ("center", "ten_crop", "multi_scale")
+VIEWS = {"center": 1, "ten_crop": 10, "multi_scale": 4}  # multi_scale: 2 views at each of 2 scales
+
+
+def tiny_config(folder, protocol: str, **extra):
+    config = load_config("resnet18", "imagenet.py")
+    for dotted, value in {**TINY, "dataset.data_dir": str(folder), "dataset.eval_protocol": protocol,
+                          **extra}.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _head(params) -> tuple[tuple, tuple]:
+    """Paths of the classifier's kernel [features, 1000] and bias [1000]."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    (kernel,) = [p for p, x in leaves if np.ndim(x) == 2 and np.shape(x)[1] == 1000]
+    (bias,) = [p for p, x in leaves if np.ndim(x) == 1 and np.shape(x)[0] == 1000]
+    return kernel, bias
+
+
+def _edit(tree, path, fn):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(np.asarray(x)) if p == path else x, tree)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagenet"), n_val=N_VAL, n_train=16)
+
+
+@pytest.fixture(scope="module")
+def val_labels(folder):
+    from resnet_jax.data import imagenet
+    from resnet_jax.train import sources
+
+    _, labels = imagenet._folder_files(sources.imagenet_spec(tiny_config(folder, "center").dataset), "eval")
+    assert len(labels) == N_VAL
+    return np.asarray(labels)
+
+
+@pytest.fixture(scope="module")
+def start_weights(folder, val_labels, tmp_path_factory):
+    """A tiny ResNet-18 whose head makes the errors informative: the first val image's label
+    scores highest for every image, the next three labels next (so 4 of 6 images have their
+    label in the top 5 and 1 of 6 first). At initialisation the logits of an image spread
+    by about 7 over the classes and 1 over the views; the kernel / 8 brings that to about
+    0.9 and 0.15, which the +12 and +6 on the chosen labels dominate. (The runs keep BN
+    frozen, so their one training step leaves the running statistics as they are here.)"""
+    from resnet_jax.interop import weights
+    from resnet_jax.train import loop
+
+    model = loop.build_model(tiny_config(folder, "center"), 1000)
+    variables = jax.tree.map(np.asarray, model.init(jax.random.key(3), np.zeros((1, 32, 32, 3), np.float32),
+                                                    train=False))
+    kernel, bias = _head(variables["params"])
+    boost = np.zeros(1000, np.float32)
+    boost[val_labels[1:4]] = 6.0
+    boost[val_labels[0]] = 12.0
+    params = _edit(_edit(variables["params"], kernel, lambda k: k / 8), bias, lambda b: b + boost)
+    record = {"format": 1, "model": "resnet18", "model_overrides": {"width_multiplier": 0.125}}
+    return weights.save_converted(tmp_path_factory.mktemp("start") / "weights",
+                                  {"params": params, "batch_stats": variables["batch_stats"]}, record)
+
+
+@pytest.fixture(scope="module")
+def runs(folder, start_weights, tmp_path_factory):
+    """One training step from `start_weights` per protocol; each run evaluates with its protocol."""
+    from resnet_jax.train import loop
+
+    out = {}
+    for protocol in PROTOCOLS:
+        workdir = tmp_path_factory.mktemp(protocol) / "run"
+        loop.train_and_evaluate(tiny_config(folder, protocol, init_from=str(start_weights)), str(workdir))
+        out[protocol] = workdir
+    return out
+
+
+def _reference_from_run(folder, workdir, protocol):
+    """The reference metrics: the run's checkpointed variables applied to the pipeline's views,
+    then the numpy reduction. Also returns the per-image averaged probabilities and labels."""
+    from resnet_jax.data import imagenet
+    from resnet_jax.interop import weights
+    from resnet_jax.train import loop, sources
+
+    config = tiny_config(folder, protocol)
+    d = config.dataset
+    variables, _ = weights.load_variables(workdir)
+    apply = jax.jit(functools.partial(loop.build_model(config, 1000).apply, train=False))
+    batches = []
+    for batch in imagenet.eval_batches(sources.imagenet_spec(d), protocol=protocol, per_process_batch=EVAL_BATCH,
+                                       process_index=0, process_count=1, image_size=d.image_size,
+                                       resize_size=d.eval_resize, scales=tuple(d.eval_scales)):
+        groups = [np.asarray(apply(variables, g.reshape(-1, *g.shape[2:]))).reshape(*g.shape[:2], -1)
+                  for g in batch["views"]]
+        batches.append((groups, batch["label"], batch["mask"]))
+    assert len(batches) == 2 and sum(int(m.sum()) for _, _, m in batches) == N_VAL
+    assert sum(g.shape[1] for g in batches[0][0]) == VIEWS[protocol]
+    probs = np.concatenate([ref.averaged_probabilities(g)[m] for g, _, m in batches])
+    labels = np.concatenate([lb[m] for _, lb, m in batches])
+    return ref.summary(batches), batches, probs, labels
+
+
+def _assert_no_near_ties(probs, labels):
+    """The label's place (first? in the top 5?) must not hinge on round-off between the
+    pipeline's and this file's forward passes: no competitor within 1e-4 relative of it."""
+    own = probs[np.arange(len(labels)), labels]
+    others = np.where(np.arange(probs.shape[1])[None] == labels[:, None], -np.inf, probs)
+    best = np.sort(others, axis=1)[:, ::-1]
+    for k in (0, 4):  # the best competitor (top-1) and the 5th best (top-5)
+        assert np.all(np.abs(best[:, k] - own) > 1e-4 * own), "near tie: change the seed in start_weights"
+
+
+@pytest.fixture(scope="module")
+def references(folder, runs):
+    return {p: _reference_from_run(folder, runs[p], p) for p in PROTOCOLS}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_trainer_eval_record_matches_the_reference(protocol, runs, references):
+    from resnet_jax.train.metrics import read_metrics
+
+    expected, batches, probs, labels = references[protocol]
+    _assert_no_near_ties(probs, labels)
+    (record,) = [r for r in read_metrics(runs[protocol] / "metrics.jsonl") if r["split"] == "validation"]
+    assert record["count"] == expected["count"] == N_VAL
+    assert record["error"] == pytest.approx(expected["error"], abs=1e-9)
+    assert record["error_top5"] == pytest.approx(expected["error_top5"], abs=1e-9)
+    assert record["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    # Informative: errors strictly between 0 and 1, and padding rows (grey images, label 0)
+    # are wrong, so counting them would show.
+    assert 0 < expected["error_top5"] < expected["error"] < 1
+    padded = ref.summary([(g, lb, np.ones_like(m)) for g, lb, m in batches])
+    assert padded["count"] == 8 and padded["error"] * 8 == expected["error"] * 6 + 2
+    if protocol != "center":
+        # Averaging log-probabilities instead would give a loss outside the tolerance.
+        views = [np.concatenate(g, axis=1)[m] for g, _, m in batches]
+        log_mean = np.concatenate([-np.log(ref.softmax(v)).mean(axis=1) for v in views])
+        alt = float(np.mean(log_mean[np.arange(N_VAL), labels]))
+        assert abs(alt - expected["loss"]) > 1e-3 * expected["loss"]
+
+
+_EVALUATE = """
+import importlib.util, json, sys
+sys.path.insert(0, "tests")
+from test_eval_reference import tiny_config
+spec = importlib.util.spec_from_file_location("evaluate_script", "scripts/evaluate.py")
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+folder, workdirs = sys.argv[1], json.loads(sys.argv[2])
+print(json.dumps({p: script.evaluate(tiny_config(folder, p), w) for p, w in workdirs.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated(folder, runs):
+    """scripts/evaluate.py's `evaluate` on each run's workdir with the run's protocol: one
+    subprocess (the script defines absl flags that another test's in-process import of
+    resnet_jax.main would clash with)."""
+    import subprocess
+    import sys
+
+    workdirs = json.dumps({p: str(w) for p, w in runs.items()})
+    proc = subprocess.run([sys.executable, "-c", _EVALUATE, str(folder), workdirs], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_evaluate_script_matches_the_reference(protocol, evaluated, references):
+    expected, _, probs, labels = references[protocol]
+    _assert_no_near_ties(probs, labels)
+    got = evaluated[protocol]
+    assert got["protocol"] == protocol and got["count"] == expected["count"] == N_VAL
+    assert got["top1_error"] == pytest.approx(expected["error"], abs=1e-9)
+    assert got["top5_error"] == pytest.approx(expected["error_top5"], abs=1e-9)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert 0 < expected["error_top5"] < expected["error"] < 1
