@@ -259,6 +259,60 @@ def test_timm_deep_stem_variants_are_refused_by_name(tmp_path):
         weights.convert_file(tmp_path / "r18d.pth")
 
 
+@pytest.mark.parametrize("name,suffix", [("resnet50c", "c"), ("resnet50s", "s"), ("resnet26t", "t"),
+                                         ("resnet101d", "d")])
+def test_every_timm_variant_suffix_is_refused_by_name(name, suffix):
+    with pytest.raises(ConversionError, match=rf"'{name}'.*'{suffix}'.*deep stem"):
+        layout.parse_arch(f"timm:{name}")
+
+
+def test_safetensors_file_imports_with_torchvision_logits(r18, images, tmp_path):
+    from safetensors.torch import save_file
+
+    net, _ = r18
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    model, variables, record = weights.convert_file(path)
+    assert record["arch"] == "torchvision:resnet18"
+    assert_close(jax_logits(18, variables, images), torch_logits(net, images))
+
+
+def test_importing_the_package_and_converting_safetensors_never_imports_torch(r18, tmp_path):
+    """A fresh interpreter: the package, the converter on a .safetensors file and the export back
+    to .safetensors run, and torch is not in sys.modules afterwards (nor torchvision)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in r18[0].state_dict().items()}, str(path))
+    code = (
+        "import sys, resnet_jax\n"
+        "from resnet_jax import convert\n"
+        f"assert convert.main([{str(path)!r}, {str(tmp_path / 'conv')!r}]) == 0\n"
+        f"assert convert.main([{str(tmp_path / 'conv')!r}, {str(tmp_path / 'back.safetensors')!r}]) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "back.safetensors").stat().st_size > 40_000_000  # 11.7M float32 weights
+
+
+def test_export_refuses_another_bn_epsilon(tmp_path):
+    """torchvision's BN has epsilon 1e-5: weights trained with another one mean something else."""
+    model = models.build_model("resnet18", num_classes=3, stride_on_3x3=True, bn_epsilon=1e-3)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                  train=False))
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
+    record = {"model": "resnet18", "model_overrides": {"num_classes": 3, "stride_on_3x3": True,
+                                                       "bn_epsilon": 1e-3}}
+    weights.save_converted(tmp_path / "eps", variables, record)
+    with pytest.raises(ConversionError, match=r"bn_epsilon=0\.001.*bn_epsilon=1e-05"):
+        weights.export_state_dict(tmp_path / "eps", "resnet18")
+    record["model_overrides"]["bn_epsilon"] = 1e-5  # the same weights with torchvision's epsilon go
+    weights.save_converted(tmp_path / "ok", variables, record)
+    state_dict, arch = weights.export_state_dict(tmp_path / "ok", "resnet18")
+    assert arch == "resnet18" and state_dict["fc.weight"].shape == (3, 512)
+
+
 def test_weights_of_another_meaning_are_refused(tmp_path):
     """Same shapes, different meaning: the paper's ResNet-50 has its stride on the 1x1."""
     model = models.build_model("resnet50", num_classes=3)
@@ -321,6 +375,15 @@ def test_bn_frozen_uses_and_keeps_running_statistics():
     assert not np.allclose(out_live, out)
     assert not np.allclose(moved["batch_stats"]["stem_bn"]["mean"],
                            variables["batch_stats"]["stem_bn"]["mean"])
+    # Scale and bias still train: their gradients are those of BN with fixed statistics.
+    def loss(params):
+        logits, _ = frozen.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits * jnp.arange(logits.shape[-1]))
+
+    grads = jax.grad(loss)(variables["params"])
+    bn = [g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+          if path[-2].key.startswith(("bn", "stem_bn")) and path[-1].key in ("scale", "bias")]
+    assert len(bn) == 2 * 7 and all(float(jnp.abs(g).max()) > 0 for g in bn)
     with pytest.raises(ValueError, match="bn_frozen"):
         models.build_model("cifar_resnet8", bn_frozen=1)
 
@@ -362,7 +425,12 @@ def test_input_size_resizes_inside_the_model():
     variables = model.init(jax.random.key(1), small, train=False)
     feats = model.apply(variables, small, method="features")
     assert feats["stage4"].shape == (2, 2, 2, 512)  # 64 / 32, not 32 / 32
-    big = jax.image.resize(small, (2, 64, 64, 3), "bilinear")
+    # The resize computed outside the model and outside JAX: torch's bilinear upsampling
+    # (half-pixel centres, edge clamping), which is what 'bilinear' means for upsampling.
+    big = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(small)).permute(0, 3, 1, 2),
+                                          size=(64, 64), mode="bilinear", align_corners=False)
+    big = jnp.asarray(big.permute(0, 2, 3, 1).numpy())
+    assert float(jnp.abs(big - jax.image.resize(small, big.shape, "bilinear")).max()) < 1e-6
     plain = models.build_model("resnet18", num_classes=4)
     np.testing.assert_allclose(model.apply(variables, small, train=False),
                                plain.apply(variables, big, train=False), rtol=1e-5, atol=1e-5)
