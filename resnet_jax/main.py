@@ -26,6 +26,7 @@ Exit status (every failure below is one line on stderr, `error:` or `stopped:`):
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -82,7 +83,20 @@ def main(argv: list[str]) -> None:
         status = report(e)
         if status is None:
             raise
+        if status == errors.EXIT_TRANSIENT and _peers_may_be_gone():
+            # A clean exit would wait in jax.distributed's shutdown barrier for the peer that
+            # died, until the heartbeat timeout aborts this process (SIGABRT, minutes later),
+            # hiding the status. The workdir's lock and files are the kernel's to release.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         sys.exit(status)
+
+
+def _peers_may_be_gone() -> bool:
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 if __name__ == "__main__":

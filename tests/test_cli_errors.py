@@ -276,3 +276,48 @@ def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_does_not_block(cifa
     rc, err = run_cli(cli_command(work, cifar_dir, allow_config_change=True), env)
     assert rc == 0, err[-3000:]
     assert json.loads((work / "results.json").read_text())["steps"] == 16
+
+
+# --- 3. the infrastructure's failures against the user's -----------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_peer_that_dies_mid_run_is_transient_for_the_survivor(cifar_dir, tmp_path, env):
+    """Two processes on loopback (gloo); process 1 is killed once process 0 has started the
+    run: process 0's next collective fails, and it exits 75 at once, not after the
+    coordination service's heartbeat timeout (which would abort it: SIGABRT, minutes later)."""
+    work = tmp_path / "pair"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for pid in range(2):
+        cmd = cli_command(work, cifar_dir, schedule__total_steps=400, schedule__boundaries=(300,),
+                          checkpoint_every_steps=400, distributed__coordinator_address=address,
+                          distributed__num_processes=2, distributed__process_id=pid)
+        procs.append(Watched(cmd, env))
+    survivor, victim = procs
+    try:
+        # Printed by process 0 after set-up (collectives included), before compiling.
+        survivor.wait_for_line("starting from scratch")
+        victim.proc.kill()
+        victim.finish()
+        rc, err = survivor.finish(timeout=TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.finish()
+    assert rc == errors.EXIT_TRANSIENT, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert "the infrastructure failed, not the run" in line and "rerun the same command" in line, line
+
+
+def test_a_workdir_that_cannot_be_created_is_the_users_to_fix(cifar_dir, tmp_path, env):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    rc, err = run_cli(cli_command(blocker / "run", cifar_dir), env)
+    assert rc == 2, err[-3000:]
+    assert str(blocker / "run") in assert_one_error_line(err)
