@@ -321,3 +321,19 @@ def test_a_workdir_that_cannot_be_created_is_the_users_to_fix(cifar_dir, tmp_pat
     rc, err = run_cli(cli_command(blocker / "run", cifar_dir), env)
     assert rc == 2, err[-3000:]
     assert str(blocker / "run") in assert_one_error_line(err)
+
+
+# --- 6. first contact ----------------------------------------------------------------------------
+
+def test_first_command_on_a_fresh_machine_without_data_or_network_is_one_line(env, tmp_path):
+    """The README's first command with no CIFAR-10 anywhere (no CIFAR10_DIR, an empty home,
+    so no ~/tensorflow_datasets) and the download refused: stderr is the error line alone."""
+    fresh = {k: v for k, v in env.items() if k not in ("CIFAR10_DIR", "TFDS_DATA_DIR")}
+    fresh.update(HOME=str(tmp_path / "home"), RESNET_JAX_DATA=str(tmp_path / "cache"),
+                 RESNET_JAX_DATA_URL="http://127.0.0.1:9")  # the discard port: refused
+    (tmp_path / "home").mkdir()
+    rc, err = run_cli([sys.executable, "-m", "resnet_jax.main", "--config", "configs/cifar10.py:quick",
+                       "--workdir", str(tmp_path / "runs" / "quick")], fresh)
+    assert rc == 2, err[-3000:]
+    line = assert_one_error_line(err)
+    assert "cannot download" in line and "cifar-10-binary.tar.gz" in line, line

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import tarfile
 import zlib
@@ -431,7 +432,15 @@ def _tfds_prepared(data_dir: str | os.PathLike[str] | None, builder_name: str = 
         tfds = _import_tfds()
     except DataError:
         return False
-    return tfds.builder(builder_name, data_dir=_tfds_dir(data_dir)).is_prepared()
+    # A probe: tfds warns about each dataset folder it finds empty ("Variant folder ... has no
+    # dataset_info.json"), which on a fresh machine came before the project's own error line.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return tfds.builder(builder_name, data_dir=_tfds_dir(data_dir)).is_prepared()
+    finally:
+        absl_logger.setLevel(level)
 
 
 def _tfds_dir(data_dir: str | os.PathLike[str] | None) -> str | None:
