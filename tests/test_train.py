@@ -113,6 +113,37 @@ def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatc
     assert steps == [4, 8, 12, 16]
 
 
+def test_train_records_after_a_resume_between_two_records_equal_the_uninterrupted_ones(
+        cifar_dir, tmp_path, monkeypatch):
+    """A record every 8 steps, checkpoints every 4, a crash after the checkpoint at step 4: the
+    record at step 8 of the resumed run averages steps 1-8 (the steps before the crash come
+    back from the checkpoint), exactly as the uninterrupted run's does."""
+    config = tiny_config(cifar_dir, log_every_steps=8, checkpoint_every_steps=4, eval_every_steps=16)
+    loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    original = feeding.TrainChunk.__call__
+    calls = {"n": 0}
+
+    def crash_on_second_chunk(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash after the checkpoint at step 4")
+        return original(self, *args)
+
+    monkeypatch.setattr(feeding.TrainChunk, "__call__", crash_on_second_chunk)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(feeding.TrainChunk, "__call__", original)
+    assert loop.train_and_evaluate(config, str(tmp_path / "resumed"))["resumed_from"] == 4
+
+    def train_records(workdir):
+        return [{k: v for k, v in r.items() if k not in ("images_per_sec", "time")}
+                for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+
+    straight, resumed = train_records(tmp_path / "straight"), train_records(tmp_path / "resumed")
+    assert [r["step"] for r in straight] == [8, 16]
+    assert resumed == straight
+
+
 def test_bad_config_is_refused_before_anything_runs(cifar_dir, tmp_path):
     config = tiny_config(cifar_dir, schedule__boundaries=(12, 4))
     with pytest.raises(ConfigError, match="schedule.boundaries"):

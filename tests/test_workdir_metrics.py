@@ -87,6 +87,24 @@ def test_added_and_removed_keys_count_as_differences():
     assert config_differences({"b": {"c": 2}}, {"b": {"c": 5}}, ignore_keys={"b"}) == {}
 
 
+def test_a_field_added_after_the_run_started_resumes_at_its_default(tmp_path):
+    """config.json written before `b.d` existed: resuming with `b.d` at its default is the same
+    experiment; at another value it is a change."""
+    assert config_differences({"b": {"c": 2}}, {"b": {"c": 2, "d": 3}}, set(), added_defaults={"b": {"d": 3}}) == {}
+    assert config_differences({"b": {"c": 2}}, {"b": {"c": 2, "d": 4}}, set(),
+                              added_defaults={"b": {"d": 3}}) == {"b.d": ("<absent>", 4)}
+    # A key the old run had is compared as always, default or not.
+    assert config_differences({"b": {"d": 4}}, {"b": {"d": 3}}, set(),
+                              added_defaults={"b": {"d": 3}}) == {"b.d": (4, 3)}
+    (tmp_path / "config.json").write_text(json.dumps({"a": 1}))
+    prepare_workdir(tmp_path, {"a": 1, "new": "x"}, allow_config_change=False, ignore_keys=set(),
+                    added_defaults={"new": "x"})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1, "new": "x"}
+    with pytest.raises(WorkdirError, match="new"):
+        prepare_workdir(tmp_path, {"a": 1, "new": "y"}, allow_config_change=False, ignore_keys=set(),
+                        added_defaults={"new": "x"})
+
+
 def test_unwritable_workdir_is_refused(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import platform
 import signal
@@ -74,7 +75,9 @@ class PreemptedError(ResNetJaxError, RuntimeError):
 class _PreemptionNotice:
     """Remembers a SIGTERM or a first Ctrl-C (SIGINT) during training instead of dying mid-step.
 
-    A second Ctrl-C stops at once (KeyboardInterrupt): the way out when saving hangs.
+    A second Ctrl-C stops at once (KeyboardInterrupt): the way out when saving hangs. The
+    asynchronous save already under way is still completed on the way out, as for any error
+    (`_finish_saves_quietly`); once the handlers are restored, a third Ctrl-C abandons it too.
     Only the main thread may install signal handlers; elsewhere (a notebook's worker
     thread) the signals keep their default meaning, said in a warning.
     """
@@ -198,8 +201,6 @@ def _finish_saves_quietly(checkpointer: Checkpointer, error: BaseException) -> N
     """
     if jax.process_count() > 1 and not isinstance(error, NonFiniteLossError):
         return
-    if isinstance(error, KeyboardInterrupt):
-        return  # a second Ctrl-C means now; a half-written save is skipped at the next restore
     try:
         checkpointer.close()
     except Exception as e:  # the original error matters more; this one is logged
@@ -238,6 +239,7 @@ class _Run:
         self.workdir = prepare_workdir(
             workdir, config.to_dict(), allow_config_change=config.allow_config_change,
             ignore_keys=set(config_lib.RESUMABLE_CHANGES), override_hint="--config.allow_config_change=True",
+            added_defaults=config_lib.defaults(config.dataset.name).to_dict(),
             min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints),
             lock=True)
         try:
@@ -255,9 +257,16 @@ class _Run:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         restored = self.checkpointer.restore_latest(abstract_items(self.state))
         self.start_step = self.step = 0
+        # Per-step train loss and error since the last train record: saved with each
+        # checkpoint, so that the first record after a resume at a step between two records
+        # averages the same steps as an uninterrupted run, and (summed exactly, by fsum, in
+        # any grouping of steps into dispatches) to the same value.
+        self.window: dict[str, list[float]] = {"loss": [], "error": []}
         if restored is not None:
-            items, self.start_step, _ = restored
+            items, self.start_step, metadata = restored
             self.step = self.start_step
+            self.window = {k: [float(v) for v in metadata.get("train_window", {}).get(k, [])]
+                           for k in self.window}
             self.state = self.state.replace_items(items)
         elif config.init_from:
             self.state = _init_from(self.state, config.init_from, model)
@@ -268,7 +277,6 @@ class _Run:
         self.evals: list[tuple[int, float]] = [
             (r["step"], r["error"]) for r in (read_metrics(self.writer.path) if self.main and self.writer.path.exists()
                                               else []) if r["split"] == self.info.eval_split]
-        self.sums = {"loss": 0.0, "error": 0.0, "n": 0}
         self.train_time = 0.0
         self.progress: Progress | None = None
 
@@ -308,20 +316,19 @@ class _Run:
         return metrics
 
     def log_train(self, metrics: dict[str, np.ndarray]) -> None:
-        n = len(metrics["loss"])
-        self.sums["loss"] += float(np.sum(metrics["loss"]))
-        self.sums["error"] += float(np.sum(metrics["error"]))
-        self.sums["n"] += n
+        for key, values in self.window.items():
+            values.extend(float(v) for v in metrics[key])
         self.progress.update(self.step, {"loss": float(np.mean(metrics["loss"])),
                                          "err": float(np.mean(metrics["error"]))}, metrics["images_per_sec"])
         if self.step % self.config.log_every_steps and self.step != self.total:
             return
+        n = len(self.window["loss"])
         self.writer.write(self.step, "train", {
-            "loss": self.sums["loss"] / self.sums["n"], "error": self.sums["error"] / self.sums["n"],
+            "loss": math.fsum(self.window["loss"]) / n, "error": math.fsum(self.window["error"]) / n,
             "learning_rate": float(self.schedule(self.step - 1)),
             "grad_norm": float(metrics["grad_norm"][-1]), "param_norm": float(metrics["param_norm"][-1]),
             "images_per_sec": metrics["images_per_sec"]})
-        self.sums = {"loss": 0.0, "error": 0.0, "n": 0}
+        self.window = {k: [] for k in self.window}
 
     def evaluate(self, write: bool = True) -> dict[str, float]:
         record = steps.summarize_eval(self.source.evaluate(self.state))
@@ -348,7 +355,8 @@ class _Run:
                 f"training diverged at step {self.step} (loss and norms finite, but the state holds NaN "
                 "or infinite values: overflowed BatchNorm statistics?); "
                 + _nonfinite_where(self.last_good, self.checkpointer.directory))
-        self.checkpointer.save(self.step, items, {"config_name": self.config.model.name})
+        self.checkpointer.save(self.step, items, {"config_name": self.config.model.name,
+                                                  "train_window": self.window})
         self.last_good = self.step
 
     def abort(self, error: BaseException) -> None:

@@ -116,12 +116,16 @@ _MISSING = "<absent>"
 
 
 def config_differences(
-    old: Mapping[str, Any], new: Mapping[str, Any], ignore_keys: set[str]
+    old: Mapping[str, Any], new: Mapping[str, Any], ignore_keys: set[str],
+    added_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for every leaf that differs and is not ignored.
 
-    An ignored key also covers everything below it ('data' ignores 'data.dir').
+    An ignored key also covers everything below it ('data' ignores 'data.dir'). A key the
+    old config lacks is no difference when the new one holds `added_defaults[key]`: a field
+    added to the code after the run started, at the default that keeps the old behaviour.
     """
+    added_defaults = flatten_dict(added_defaults or {})
     old_flat, new_flat = flatten_dict(old), flatten_dict(new)
 
     def ignored(key: str) -> bool:
@@ -130,6 +134,8 @@ def config_differences(
     diffs = {}
     for key in sorted(old_flat.keys() | new_flat.keys()):
         before, after = old_flat.get(key, _MISSING), new_flat.get(key, _MISSING)
+        if before == _MISSING and key in added_defaults and after == added_defaults[key]:
+            continue
         if before != after and not ignored(key):
             diffs[key] = (before, after)
     return diffs
@@ -250,6 +256,7 @@ def _reconcile_config(
     allow_config_change: bool,
     ignore_keys: set[str],
     override_hint: str,
+    added_defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes config.json, or refuses a resume whose config changed what matters."""
     if not path.exists():
@@ -259,7 +266,7 @@ def _reconcile_config(
     if stored is None:
         diffs = {"<whole file>": ("<unreadable>", "<new config>")}
     else:
-        diffs = config_differences(stored, config, ignore_keys)
+        diffs = config_differences(stored, config, ignore_keys, added_defaults)
     if diffs and not allow_config_change:
         raise WorkdirError(
             f"{path} was written by a run with a different config; resuming would mix "
@@ -286,6 +293,7 @@ def prepare_workdir(
     *,
     allow_config_change: bool,
     ignore_keys: set[str],
+    added_defaults: Mapping[str, Any] | None = None,
     override_hint: str = "--config.allow_config_change=True",
     min_free_bytes: int = 0,
     is_primary: bool | None = None,
@@ -305,7 +313,8 @@ def prepare_workdir(
     differing keys (dotted paths; `ignore_keys` and everything below them are exempt)
     unless `allow_config_change`, in which case the old file is kept as
     config.<timestamp>.json and a warning lists the changes. `override_hint` is the
-    caller's spelling of that switch, quoted in the error.
+    caller's spelling of that switch, quoted in the error. `added_defaults` (the config's
+    defaults) lets a run written before a field existed resume with that field at its default.
 
     With `lock`, the primary process also takes the workdir's lock (before config.json
     is read, so two runs never race on it) and keeps it until `release_workdir`; a
@@ -332,6 +341,7 @@ def prepare_workdir(
                 config,
                 allow_config_change=allow_config_change,
                 ignore_keys=ignore_keys,
+                added_defaults=added_defaults,
                 override_hint=override_hint,
             )
     except (ValueError, OSError) as e:  # WorkdirError is a ValueError
