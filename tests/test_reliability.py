@@ -333,3 +333,15 @@ def test_preemption_notice_records_sigterm_and_restores_the_old_handler():
         assert seen == ["old"]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_first_ctrl_c_is_a_notice_the_second_interrupts_and_handlers_are_restored():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with loop._PreemptionNotice() as notice:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
+        assert notice.agreed() and notice.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in previous} == previous
