@@ -14,8 +14,11 @@
 #                command's wall-clock seconds
 #   peers.jsonl  the Flax-example-design and torch peers (peers.py), same machine, same run
 #   <model>/     results.json + metrics.jsonl of each CIFAR run; <model>.log its console
+# NETS overrides the list of CIFAR nets (e.g. NETS="resnet20 resnet110").
 # SMOKE=1 runs every step with tiny settings on any machine (tests/test_gpu_session.py does, on
 # CPU): tiny nets and batches, a few training steps on a subset, peers only where present.
+# A failed step does not stop the session (device time is rare): the rest still runs, and the
+# script then exits 1, naming on stderr every step that failed.
 set -uo pipefail
 part=${1:-all}
 case "$part" in speed|cifar|all) ;; *) echo "usage: $0 [speed|cifar|all]" >&2; exit 2 ;; esac
@@ -31,10 +34,10 @@ start=$(date +%s)
 if [ "$smoke" = 1 ]; then
   bench_specs=("cifar_resnet8 8 --image-size 32")
   rn50_spec="resnet18 2 --image-size 32"
-  bench_sizes="--steps-per-dispatch 2 --dispatches 1 --repeats 1 --no-baseline"
-  rn50_sizes=$bench_sizes
+  bench_sizes="--steps-per-dispatch 2 --dispatches 1 --repeats 1"
+  rn50_sizes="$bench_sizes --no-baseline"
   train_args="--config.schedule.total_steps=4 --config.schedule.boundaries=(3,) --config.dataset.train_subset=256 --config.dataset.eval_subset=200 --config.batch_size=8 --config.reference_batch_size=8 --config.eval_batch_size=100 --config.steps_per_dispatch=2 --config.log_every_steps=2 --config.eval_every_steps=4 --config.checkpoint_every_steps=4"
-  cifar_nets="resnet8"
+  cifar_nets=${NETS:-resnet8}
   dtype=float32
 else
   bench_specs=("cifar_resnet20 128" "cifar_resnet20 1024" "cifar_resnet56 128")
@@ -42,22 +45,25 @@ else
   bench_sizes="--steps-per-dispatch 200"
   rn50_sizes="--steps-per-dispatch 20"
   train_args="--config.steps_per_dispatch=500 --config.log_every_steps=2000 --config.eval_every_steps=16000 --config.checkpoint_every_steps=16000"
-  cifar_nets="resnet20 resnet32 resnet44 resnet56 plain20 plain56 resnet110"
+  cifar_nets=${NETS:-resnet20 resnet32 resnet44 resnet56 plain20 plain56 resnet110}
   dtype=bfloat16
 fi
+failed=()
 
 bench() {  # bench TIMEOUT_S "MODEL BATCH [EXTRA ARGS]" SIZES: one scripts/benchmark.py run
   local model batch extra
   read -r model batch extra <<< "$2"
   # shellcheck disable=SC2086
   timeout "$1" "$python" scripts/benchmark.py --model "$model" --batch "$batch" $extra --dtype "$dtype" $3 \
-    >> "$out/bench.jsonl" 2>> "$out/stderr.txt"
+    >> "$out/bench.jsonl" 2>> "$out/stderr.txt" || failed+=("benchmark $model batch $batch (see stderr.txt)")
 }
 
 peer() {  # peer SECTION: one peers.py section, when the peers are staged here
   if [ -f "$peers" ]; then
-    timeout 150 "$python" "$peers" "$1" >> "$out/peers.jsonl" 2>> "$out/stderr.txt" \
-      || echo "{\"peer\": \"$1\", \"failed\": true}" >> "$out/peers.jsonl"
+    if ! timeout 150 "$python" "$peers" "$1" >> "$out/peers.jsonl" 2>> "$out/stderr.txt"; then
+      echo "{\"peer\": \"$1\", \"failed\": true}" >> "$out/peers.jsonl"
+      failed+=("peer $1 (see stderr.txt)")
+    fi
   fi
 }
 
@@ -85,8 +91,14 @@ if [ "$part" != speed ]; then
       > "$out/$net.log" 2>&1
     rc=$?
     echo "{\"train\": \"$net\", \"rc\": $rc, \"command_wall_s\": $(( $(date +%s) - t0 ))}" >> "$out/bench.jsonl"
+    [ "$rc" = 0 ] || failed+=("train $net (exit $rc, see $net.log)")
     mkdir -p "$out/$net" && cp "$runs/$net/results.json" "$runs/$net/metrics.jsonl" "$out/$net/" 2>/dev/null
   done
 fi
-cat "$out/bench.jsonl"
+if [ -f "$out/bench.jsonl" ]; then cat "$out/bench.jsonl"; fi
 if [ -f "$out/peers.jsonl" ]; then cat "$out/peers.jsonl"; fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_session.sh: ${#failed[@]} step(s) failed:" >&2
+  printf '  %s\n' "${failed[@]}" >&2
+  exit 1
+fi

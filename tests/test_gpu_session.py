@@ -1,8 +1,10 @@
-"""scripts/gpu_session.sh, the GPU issue's one-run script, still runs end to end (SMOKE=1, on CPU).
+"""scripts/gpu_session.sh, the one-run GPU script, still runs end to end (SMOKE=1, on CPU).
 
 The device runs are rare and short; a script broken by a config or CLI change would waste one.
-Here every step runs with tiny settings: the benchmarks print their JSON, each training
-command writes results.json, and the peers are skipped when not staged (they are shared/'s).
+Two runs here take every branch with tiny settings: the benchmarks with and without their
+same-process baseline, the peers (a stand-in peers script, one of whose sections fails), the
+deadline that skips a training run, a training run that fails and one that succeeds. A failed
+step never stops the rest, and the script then exits 1 naming each failed step.
 """
 
 import json
@@ -12,23 +14,58 @@ import sys
 
 from _configs import ROOT
 
+FAKE_PEERS = """
+import json, sys
+section = sys.argv[1]
+if section == "flax_rn50":
+    sys.exit("peer stand-in: this section fails")
+print(json.dumps({"peer": section, "img_per_s": 1.0}))
+"""
 
-def test_gpu_session_script_runs_every_step(tmp_path, cifar_dir):
+
+def run_session(tmp_path, cifar_dir, part, **env):
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"),
-               PEERS=str(tmp_path / "no_peers.py"), PYTHON=sys.executable, CIFAR10_DIR=str(cifar_dir),
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")], cwd=ROOT, env=env,
+               PYTHON=sys.executable, CIFAR10_DIR=str(cifar_dir), JAX_PLATFORMS="cpu", **env)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh"), part], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    lines = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()] \
+        if (out / "bench.jsonl").exists() else []
+    return proc, out, lines
+
+
+def test_speed_part_benchmarks_with_baseline_runs_peers_and_names_the_failed_one(tmp_path, cifar_dir):
+    (tmp_path / "peers.py").write_text(FAKE_PEERS)
+    proc, out, lines = run_session(tmp_path, cifar_dir, "all", PEERS=str(tmp_path / "peers.py"),
+                                   DEADLINE_S="1", NETS="resnet8")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-2:] == ["gpu_session.sh: 1 step(s) failed:",
+                                                     "  peer flax_rn50 (see stderr.txt)"]
+    stderr_txt = (out / "stderr.txt").read_text()
     benches = [r for r in lines if r.get("bench") == "resnet_jax"]
-    assert [(r["model"], r["batch"]) for r in benches] == [("cifar_resnet8", 8), ("resnet18", 2)], \
-        (out / "stderr.txt").read_text()[-3000:]
+    assert [(r["model"], r["batch"]) for r in benches] == [("cifar_resnet8", 8), ("resnet18", 2)], stderr_txt[-3000:]
+    (base,) = [r for r in lines if r.get("bench") == "baseline"]  # the CIFAR spec's baseline
+    assert base["model"] == "cifar_resnet8" and "ratio_vs_baseline" not in benches[1]
+    assert benches[0]["ratio_vs_baseline"] == benches[0]["img_per_s"] / base["img_per_s"]
+    peers = [json.loads(line) for line in (out / "peers.jsonl").read_text().splitlines()]
+    assert peers == [{"peer": "flax_cifar", "img_per_s": 1.0}, {"peer": "flax_rn50", "failed": True},
+                     {"peer": "torch_rn50", "img_per_s": 1.0}]
+    # The benchmarks took more than the 1 s deadline, so the training run was skipped.
+    (skip,) = [r for r in lines if "skipped" in r]
+    assert skip["skipped"] == "resnet8" and skip["reason"] == "deadline" and skip["elapsed_s"] >= 1
+    assert not [r for r in lines if "train" in r]
+
+
+def test_cifar_part_goes_on_after_a_failed_run_and_names_it(tmp_path, cifar_dir):
+    proc, out, lines = run_session(tmp_path, cifar_dir, "cifar", PEERS=str(tmp_path / "absent.py"),
+                                   NETS="nosuchnet resnet8")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-2:] == ["gpu_session.sh: 1 step(s) failed:",
+                                                     "  train nosuchnet (exit 2, see nosuchnet.log)"]
     trains = {r["train"]: r for r in lines if "train" in r}
-    assert set(trains) == {"resnet8"}
-    for net, record in trains.items():
-        assert record["rc"] == 0, (out / f"{net}.log").read_text()[-3000:]
-        results = json.loads((out / net / "results.json").read_text())
-        assert results["steps"] == 4 and results["model"] == f"cifar_{net}" and 0.0 <= results["final_error"] <= 1.0
-    assert not (out / "peers.jsonl").exists()  # not staged here: skipped, not failed
+    assert list(trains) == ["nosuchnet", "resnet8"] and trains["nosuchnet"]["rc"] == 2
+    assert "nosuchnet" in (out / "nosuchnet.log").read_text()
+    assert trains["resnet8"]["rc"] == 0, (out / "resnet8.log").read_text()[-3000:]
+    results = json.loads((out / "resnet8" / "results.json").read_text())
+    assert results["steps"] == 4 and results["model"] == "cifar_resnet8" and 0.0 <= results["final_error"] <= 1.0
+    assert not (out / "peers.jsonl").exists() and not [r for r in lines if "bench" in r]
