@@ -8,8 +8,8 @@ Prints JSON lines. `step` lines: images/s of one full train step (forward, backw
 with momentum and weight decay, BatchNorm in training mode) on one synthetic batch,
 for `jax` (the project's model and `steps.train_step`, one jitted call per step; on CPU
 its convolutions go through `models.cpu_conv`, whose weight gradient is one im2col
-matrix product), `jax_xla_conv` (the same with XLA's own convolution gradients, what the
-project did before),
+matrix product: `conv_impl='im2col'`), `jax_xla_conv` (the same with XLA's own convolution
+gradients, `conv_impl='xla'`, what the project did before),
 `torch_eager` (NCHW), `torch_channels_last` and, when asked, `torch_compile`. The
 candidates are timed in turns, `--repeats` rounds of `--steps` steps each, so a machine
 shared with other work slows all of them alike; medians are reported, and the `ratio`
@@ -25,7 +25,6 @@ and zero channels), 269,722 parameters, float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -38,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models, parallel
-from resnet_jax.models import cpu_conv
 from resnet_jax.train import optim, steps
 from resnet_jax.train.state import create_train_state
 
@@ -63,31 +61,19 @@ def _cores() -> int:
 # ---------------------------------------------------------------- JAX
 
 
-@contextlib.contextmanager
-def _conv_impl(xla_conv: bool) -> Any:
-    """While active, the models trace XLA's own convolution on every backend (the reference)."""
-    if not xla_conv:
-        yield
-        return
-    original = cpu_conv.for_backend
-    cpu_conv.for_backend = lambda backend: None
-    try:
-        yield
-    finally:
-        cpu_conv.for_backend = original
-
-
 def jax_step(batch: int, depth: int, xla_conv: bool = False) -> tuple[Callable[[], Any], int]:
-    """One train step of the project's model, as the trainer compiles it (no augmentation)."""
+    """One train step of the project's model, as the trainer compiles it (no augmentation).
+
+    `xla_conv`: XLA's own convolution on every backend (the reference), else the model's default.
+    """
     mesh = parallel.make_mesh()
-    model = models.build_model(f"cifar_resnet{depth}")
+    model = models.build_model(f"cifar_resnet{depth}", conv_impl="xla" if xla_conv else "auto")
     tx = optim.sgd(optim.step_schedule(0.1, (10**9,)), 0.9, False, 1e-4)
     state = create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32)),
             "label": jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))}
-    with _conv_impl(xla_conv):
-        step = jax.jit(steps.train_step, donate_argnums=(0,)).lower(state, data).compile()
+    step = jax.jit(steps.train_step, donate_argnums=(0,)).lower(state, data).compile()
     holder = {"state": state}
 
     def run() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from resnet_jax import models
 from resnet_jax.models import cpu_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -57,28 +58,45 @@ def test_in_a_flax_conv_and_the_fallback():
                                                                     dimension_numbers=NHWC))
 
 
-def test_whole_model_gradients_equal_xla(monkeypatch):
-    from resnet_jax import models  # pylint: disable=import-outside-toplevel
+def test_conv_impl_is_chosen_by_backend_when_the_model_is_built():
+    assert models.conv_impl_for("cpu") == "im2col"
+    assert models.conv_impl_for("gpu") == models.conv_impl_for("tpu") == "xla"
+    assert models.CONV_IMPLS == {"xla": lax.conv_general_dilated, "im2col": cpu_conv.conv_general_dilated}
+    assert jax.default_backend() == "cpu"  # the test suite runs on CPU
+    assert models.build_model("cifar_resnet8").conv_impl == "im2col"
+    assert models.build_model("cifar_resnet8", conv_impl="auto").conv_impl == "im2col"
+    assert models.build_model("cifar_resnet8", conv_impl="xla").conv_impl == "xla"
+    assert models.build_model("resnet18", conv_impl="im2col").conv_impl == "im2col"
+    # Constructed directly, a ResNet reads no backend: XLA's convolution unless told otherwise.
+    assert models.ResNet(stage_sizes=(1,), stage_widths=(8,), block_cls=models.BasicBlock).conv_impl == "xla"
 
-    model = models.build_model("cifar_resnet8")
+
+def test_whole_model_outputs_equal_and_gradients_equal_xla():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((8, 32, 32, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 8))
-    variables = model.init(jax.random.key(0), x, train=False)
+    ours, reference = models.build_model("cifar_resnet8"), models.build_model("cifar_resnet8", conv_impl="xla")
+    variables = ours.init(jax.random.key(0), x, train=False)
 
-    def grads():
-        def loss(params):
-            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                    mutable=["batch_stats"])
-            return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-        return jax.jit(jax.grad(loss))(variables["params"])
+    def loss(model, params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                mutable=["batch_stats"])
+        return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), logits
 
-    assert cpu_conv.for_backend(jax.default_backend()) is cpu_conv.conv_general_dilated  # tests run on CPU
-    ours = grads()
-    monkeypatch.setattr(cpu_conv, "for_backend", lambda backend: None)  # XLA's convolution throughout
-    reference = grads()
-    for path, a in jax.tree_util.tree_leaves_with_path(ours):
-        b = dict(jax.tree_util.tree_leaves_with_path(reference))[path]
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: loss(model, p), has_aux=True))(variables["params"])
+
+    # The field really switches the traced convolution: im2col's weight gradient is a custom VJP.
+    assert "custom_vjp_call" in str(jax.make_jaxpr(jax.grad(lambda p: loss(ours, p)[0]))(variables["params"]))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(lambda p: loss(reference, p)[0]))(
+        variables["params"]))
+    (g_ours, logits_ours), (g_ref, logits_ref) = grads(ours), grads(reference)
+    np.testing.assert_array_equal(np.asarray(logits_ours), np.asarray(logits_ref))  # same forward pass
+    np.testing.assert_array_equal(ours.apply(variables, x, train=False), reference.apply(variables, x, train=False))
+    reference_leaves = dict(jax.tree_util.tree_leaves_with_path(g_ref))
+    assert len(reference_leaves) == len(jax.tree_util.tree_leaves(g_ours))
+    for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
+        b = reference_leaves[path]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=str(path))
 
 

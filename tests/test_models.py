@@ -3,7 +3,9 @@
 Large nets are only traced with jax.eval_shape; real forward passes use CIFAR-sized nets.
 """
 
+import dataclasses
 import functools
+import hashlib
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from resnet_jax.models import (IMAGENET_DEPTHS, MODEL_NAMES, BasicBlock, Bottleneck,
+from resnet_jax.models import (IMAGENET_DEPTHS, MODEL_NAMES, BasicBlock, Block, Bottleneck,
                                GhostBatchNorm, PlainBlock, PlainBottleneck, PreActBasicBlock,
                                PreActBottleneck, ResNet, build_model, cifar_preact_resnet,
                                cifar_resnet, count_params, list_models, pad_shortcut, resnet)
@@ -496,11 +498,12 @@ def test_registry_builds_every_listed_model_with_family_defaults():
     ('resnet50', {'stage_sizes': ()}, r'stage_sizes=\(\) must be a non-empty'),
     ('resnet50', {'stem': 'tiny'}, r"stem='tiny' is not one of \('imagenet', 'cifar'\)"),
     ('resnet50', {'dtype': 'int8'},
-     r"dtype='int8' is not one of \('float32', 'bfloat16', 'float16'\)"),
+     r"dtype='int8' is not one of \('float32', 'bfloat16', 'float16', 'float64'\)"),
     ('resnet50', {'kernel_init': 'xavier'}, r"kernel_init='xavier' is not one of"),
     ('resnet50', {'ghost_batch_size': 0}, r'ghost_batch_size=0 must be None or a positive int'),
     ('resnet50', {'num_classes': 0}, r'num_classes=0'),
     ('resnet50', {'bn_momentum': 1.0}, r'bn_momentum=1.0 must be in \[0, 1\)'),
+    ('resnet50', {'conv_impl': 'cudnn'}, r"conv_impl='cudnn' is not one of \('xla', 'im2col'\)"),
     ('resnet50', {'shorcut': 'A'},
      r"unknown override\(s\) \['shorcut'\]; allowed keys: .*'shortcut'"),
     ('resnet50', {'block': 'basic'}, r"unknown override\(s\) \['block'\]"),
@@ -516,6 +519,58 @@ def test_direct_construction_validates_eagerly():
         ResNet(stage_sizes=(1,), stage_widths=(8,), block_cls=BasicBlock, shortcut='E')
     with pytest.raises(ValueError, match='block_cls'):
         ResNet(stage_sizes=(1,), stage_widths=(8,), block_cls=nn.Dense)
+    with pytest.raises(ValueError, match=r"conv_impl='auto' is not one of \('xla', 'im2col'\)"):
+        ResNet(stage_sizes=(1,), stage_widths=(8,), block_cls=BasicBlock, conv_impl='auto')
     partial_block = functools.partial(Bottleneck, stride_on_3x3=True)
     model = ResNet(stage_sizes=(1,), stage_widths=(8,), block_cls=partial_block)
     assert n_params(model) == expected_params('bottleneck', (1,), (8,), 'imagenet', 'B', 1000)
+
+
+
+# --------------------------------------------------------------------------- checkpoint structure
+# sha256 of the sorted 'path shape dtype' lines of each net's init variables (params and
+# batch_stats), recorded from the code before the blocks got a shared base class and the
+# convolution became a ResNet field (commit 3000e50): checkpoints and the weight converters rely
+# on these names, shapes and dtypes, so a refactoring must leave them exactly as they were.
+STRUCTURE_SHA256 = [
+    ('cifar_resnet20', {}, 'f775faf405791db03366dda7246750904781c620a02c605a4752e0539a7956c0'),
+    ('resnet50', {}, 'fabe612012ec902e4348ca0b437bb4c56e53ac1dc4dbe45e677be0475a4073eb'),
+    ('plain18', {}, 'a6847f070042e2865ca444d7ddae9ffaa93fb5d34ecb95303ab1d656ed764f35'),
+    ('plain50', {}, 'a630d44e5ce26a3bb93fd8a1288720668d7e6c027b50238c4262bb5652018f02'),
+    ('preact_resnet18', {}, 'bb0d1603738d1f1c51416edc80ae30bced5d0301e6405d6e2907bff0a540d616'),
+    ('cifar_preact_resnet11', {'block': 'bottleneck'},
+     'd36ec474eefbab99ee34cc0f04722defe76b4f501ad2dded562523c981209bf9'),
+    ('resnet18', {'shortcut': 'C', 'zero_init_last': True},
+     'b673b98c73d1448ee53d3a922e8afc4941909323c7d4b4ffb6ad785ad9564610'),
+]
+
+
+def structure_lines(variables):
+    return sorted(f"{'/'.join(k.key for k in path)} {tuple(leaf.shape)} {leaf.dtype}"
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(variables))
+
+
+@pytest.mark.parametrize('name,kw,digest', STRUCTURE_SHA256)
+def test_variable_structure_is_the_recorded_one(name, kw, digest):
+    lines = structure_lines(abstract_variables(build_model(name, **kw), 32))
+    assert hashlib.sha256('\n'.join(lines).encode()).hexdigest() == digest, lines[:8]
+
+
+def test_conv_impl_adds_no_variables():
+    xla, im2col = (abstract_variables(cifar_resnet(8, conv_impl=c), 32) for c in ('xla', 'im2col'))
+    assert structure_lines(xla) == structure_lines(im2col)
+
+
+def test_blocks_share_the_base_fields_in_order():
+    shared = ['filters', 'strides', 'conv', 'norm', 'act', 'shortcut', 'zero_init_last']
+    own = {Bottleneck: ['stride_on_3x3'], PlainBottleneck: ['stride_on_3x3'],
+           PreActBasicBlock: ['preactivate_input'],
+           PreActBottleneck: ['stride_on_3x3', 'preactivate_input']}
+    kinds = {PlainBlock: (1, False, False), BasicBlock: (1, True, False), Bottleneck: (4, True, False),
+             PlainBottleneck: (4, False, False), PreActBasicBlock: (1, True, True),
+             PreActBottleneck: (4, True, True)}
+    for cls, (expansion, residual, preact) in kinds.items():
+        assert issubclass(cls, Block)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+        assert names == shared + own.get(cls, []), cls
+        assert (cls.expansion, cls.residual, cls.preact) == (expansion, residual, preact), cls

@@ -4,22 +4,24 @@ Typical use: ``build_model('resnet50', dtype='bfloat16')`` or ``cifar_resnet(110
 Nothing here imports data/, train/ or TensorFlow.
 """
 
-from resnet_jax.models.blocks import (SHORTCUTS, BasicBlock, Bottleneck, GhostBatchNorm,
+from resnet_jax.models.blocks import (SHORTCUTS, BasicBlock, Block, Bottleneck, GhostBatchNorm,
                                       PlainBlock, PlainBottleneck, PreActBasicBlock,
                                       PreActBottleneck, pad_shortcut)
 from resnet_jax.models.families import (CIFAR_WIDTHS, FAMILIES, IMAGENET_DEPTHS,
                                         IMAGENET_WIDTHS, MODEL_NAMES, RESNET_FIELDS, VARIANTS,
-                                        build_model, cifar_blocks_per_stage, cifar_plain,
-                                        cifar_preact_resnet, cifar_resnet, list_models, plain,
-                                        preact_resnet, resnet)
-from resnet_jax.models.network import (DTYPES, STEMS, ResNet, count_params, he_normal,
-                                       resolve_dtype)
+                                        block_kind, build_model, cifar_blocks_per_stage,
+                                        cifar_plain, cifar_preact_resnet, cifar_resnet,
+                                        list_models, plain, preact_resnet, resnet)
+from resnet_jax.models.network import (CONV_IMPLS, DTYPES, STEMS, ResNet, conv_impl_for,
+                                       count_params, he_normal, resolve_dtype)
 
 __all__ = [
-    'SHORTCUTS', 'BasicBlock', 'Bottleneck', 'GhostBatchNorm', 'PlainBlock', 'PlainBottleneck',
-    'PreActBasicBlock', 'PreActBottleneck', 'pad_shortcut',
+    'SHORTCUTS', 'BasicBlock', 'Block', 'Bottleneck', 'GhostBatchNorm', 'PlainBlock',
+    'PlainBottleneck', 'PreActBasicBlock', 'PreActBottleneck', 'pad_shortcut',
     'CIFAR_WIDTHS', 'FAMILIES', 'IMAGENET_DEPTHS', 'IMAGENET_WIDTHS', 'MODEL_NAMES',
-    'RESNET_FIELDS', 'VARIANTS', 'build_model', 'cifar_blocks_per_stage', 'cifar_plain',
-    'cifar_preact_resnet', 'cifar_resnet', 'list_models', 'plain', 'preact_resnet', 'resnet',
-    'DTYPES', 'STEMS', 'ResNet', 'count_params', 'he_normal', 'resolve_dtype',
+    'RESNET_FIELDS', 'VARIANTS', 'block_kind', 'build_model', 'cifar_blocks_per_stage',
+    'cifar_plain', 'cifar_preact_resnet', 'cifar_resnet', 'list_models', 'plain',
+    'preact_resnet', 'resnet',
+    'CONV_IMPLS', 'DTYPES', 'STEMS', 'ResNet', 'conv_impl_for', 'count_params', 'he_normal',
+    'resolve_dtype',
 ]

@@ -1,9 +1,9 @@
 """Residual and plain building blocks, their shortcuts, and the batch-norm they use.
 
-Every block shares one signature, ``(filters, strides, conv, norm, act, shortcut,
-zero_init_last)``: ``conv`` and ``norm`` arrive as ``functools.partial``s already bound by
-the network (initialiser, dtypes, train/eval mode, BN momentum and scope), so a block only
-decides *topology*. Class attributes tell the network what a block is:
+Every block is a :class:`Block` and shares its fields, ``(filters, strides, conv, norm, act,
+shortcut, zero_init_last)``: ``conv`` and ``norm`` arrive as ``functools.partial``s already
+bound by the network (initialiser, dtypes, convolution, train/eval mode, BN momentum and
+scope), so a block only decides *topology*. Class attributes tell the network what a block is:
 
 * ``expansion``: output channels = ``filters * expansion`` (1 basic, 4 bottleneck);
 * ``residual``: whether the block has a shortcut at all (False for the plain nets);
@@ -133,6 +133,37 @@ def _needs_projection(x: Array, out_channels: int, strides: int, shortcut: str) 
     return shortcut == 'B' and (strides != 1 or x.shape[-1] != out_channels)
 
 
+class Block(nn.Module):
+    """What every block shares: the fields the network passes and the class attributes it reads.
+
+    Attributes:
+      filters: width of the block's convolutions; it outputs ``filters * expansion`` channels.
+      strides: stride of the block's downsampling convolution (and of its shortcut).
+      conv: ``nn.Conv`` partial bound by the network (initialiser, dtypes, convolution).
+      norm: :class:`GhostBatchNorm` partial bound by the network (mode, momentum, dtypes).
+      act: the activation (``nn.relu``).
+      shortcut: 'A' | 'B' | 'C' (see :data:`SHORTCUTS`); accepted and ignored by plain blocks.
+      zero_init_last: zero-initialise the end of the residual branch (Goyal et al. 2017);
+        where depends on the block, and plain blocks reject it.
+
+    A subclass sets the class attributes where it differs from a basic post-activation
+    residual block (``expansion = 1``, ``residual = True``, ``preact = False``), adds its own
+    fields after these and defines ``__call__``.
+    """
+
+    filters: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    shortcut: str = 'B'
+    zero_init_last: bool = False
+
+    expansion: ClassVar[int] = 1
+    residual: ClassVar[bool] = True
+    preact: ClassVar[bool] = False
+
+
 def _conv3x3(conv: ModuleDef, filters: int, strides: int, name: str, **kw: Any) -> nn.Module:
     # Symmetric padding of 1 (not 'SAME', which pads asymmetrically for stride 2 on even
     # sizes) keeps the sampling grid identical to the paper's Caffe/Torch models.
@@ -154,14 +185,14 @@ def _last_conv_kw(zero_init_last: bool) -> dict:
     return {'kernel_init': nn.initializers.zeros} if zero_init_last else {}
 
 
-def _reject_zero_init(block: nn.Module) -> None:
+def _reject_zero_init(block: Block) -> None:
     if block.zero_init_last:
         raise ValueError(
             f'zero_init_last=True is not allowed for {type(block).__name__}: a plain block has '
             'no identity path, so a zero residual branch would cut the signal; use False')
 
 
-def _post_act_shortcut(block: nn.Module, x: Array, out_channels: int) -> Array:
+def _post_act_shortcut(block: Block, x: Array, out_channels: int) -> Array:
     """Shortcut of a post-activation block: identity, option A, or 1x1 conv + BN."""
     if _needs_projection(x, out_channels, block.strides, block.shortcut):
         y = _conv1x1(block.conv, out_channels, block.strides, name='proj_conv')(x)
@@ -169,7 +200,7 @@ def _post_act_shortcut(block: nn.Module, x: Array, out_channels: int) -> Array:
     return pad_shortcut(x, out_channels, block.strides)
 
 
-def _pre_act_shortcut(block: nn.Module, x: Array, preact: Array, out_channels: int) -> Array:
+def _pre_act_shortcut(block: Block, x: Array, preact: Array, out_channels: int) -> Array:
     """Shortcut of a pre-activation block.
 
     A projection (options B/C: a 1x1 conv with no BN, as in the 2016 paper's code) reads the
@@ -181,7 +212,7 @@ def _pre_act_shortcut(block: nn.Module, x: Array, preact: Array, out_channels: i
     return pad_shortcut(x, out_channels, block.strides)
 
 
-def _pre_activation(block: nn.Module, x: Array) -> Array:
+def _pre_activation(block: Block, x: Array) -> Array:
     """``relu(bn1(x))``, or ``x`` itself when the block's input is already activated.
 
     The network's stem ends in BN-ReLU, and the 2016 paper takes that as the first
@@ -196,23 +227,13 @@ def _pre_activation(block: nn.Module, x: Array) -> Array:
     return x
 
 
-class PlainBlock(nn.Module):
+class PlainBlock(Block):
     """Two 3x3 convs, each followed by BN-ReLU, no shortcut (the 2015 paper's plain nets).
 
     ``shortcut`` is accepted for the shared signature and ignored.
     """
 
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
-
-    expansion: ClassVar[int] = 1
-    residual: ClassVar[bool] = False
-    preact: ClassVar[bool] = False
+    residual = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -223,24 +244,12 @@ class PlainBlock(nn.Module):
         return self.act(self.norm(name='bn2')(y))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(Block):
     """``relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x))`` (2015, post-activation).
 
     ``zero_init_last`` initialises ``bn2``'s scale to 0 (Goyal et al. 2017), making the block
     ``relu(shortcut(x))`` at init.
     """
-
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
-
-    expansion: ClassVar[int] = 1
-    residual: ClassVar[bool] = True
-    preact: ClassVar[bool] = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -256,7 +265,7 @@ def _bottleneck_strides(strides: int, stride_on_3x3: bool) -> tuple[int, int]:
     return (1, strides) if stride_on_3x3 else (strides, 1)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1 reduce, 3x3, 1x1 expand (x4), BN after each, ReLU after the addition (2015).
 
     ``stride_on_3x3=False`` downsamples in the first 1x1 as in the paper; True puts the
@@ -264,18 +273,9 @@ class Bottleneck(nn.Module):
     more FLOPs). ``zero_init_last`` zero-initialises ``bn3``'s scale (Goyal et al. 2017).
     """
 
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
     stride_on_3x3: bool = False
 
-    expansion: ClassVar[int] = 4
-    residual: ClassVar[bool] = True
-    preact: ClassVar[bool] = False
+    expansion = 4
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -288,21 +288,13 @@ class Bottleneck(nn.Module):
         return self.act(y + _post_act_shortcut(self, x, out))
 
 
-class PlainBottleneck(nn.Module):
+class PlainBottleneck(Block):
     """The bottleneck without its shortcut (plain counterpart of ResNet-50/101/152)."""
 
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
     stride_on_3x3: bool = False
 
-    expansion: ClassVar[int] = 4
-    residual: ClassVar[bool] = False
-    preact: ClassVar[bool] = False
+    expansion = 4
+    residual = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -314,7 +306,7 @@ class PlainBottleneck(nn.Module):
         return self.act(self.norm(name='bn3')(y))
 
 
-class PreActBasicBlock(nn.Module):
+class PreActBasicBlock(Block):
     """``x + conv3x3(relu(BN(conv3x3(relu(BN(x))))))`` (2016, full pre-activation).
 
     Nothing follows the addition, so a zero residual branch makes the block exactly the
@@ -323,18 +315,9 @@ class PreActBasicBlock(nn.Module):
     input is taken as already activated (see :func:`_pre_activation`).
     """
 
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
     preactivate_input: bool = True
 
-    expansion: ClassVar[int] = 1
-    residual: ClassVar[bool] = True
-    preact: ClassVar[bool] = True
+    preact = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -345,7 +328,7 @@ class PreActBasicBlock(nn.Module):
         return y + _pre_act_shortcut(self, x, pre, self.filters)
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(Block):
     """Pre-activation bottleneck (2016; ResNet-164/1001 on CIFAR, ResNet-200 on ImageNet).
 
     BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (x4), plus the shortcut; nothing
@@ -354,19 +337,11 @@ class PreActBottleneck(nn.Module):
     :class:`PreActBasicBlock`.
     """
 
-    filters: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    shortcut: str = 'B'
-    zero_init_last: bool = False
     stride_on_3x3: bool = False
     preactivate_input: bool = True
 
-    expansion: ClassVar[int] = 4
-    residual: ClassVar[bool] = True
-    preact: ClassVar[bool] = True
+    expansion = 4
+    preact = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

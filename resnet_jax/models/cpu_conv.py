@@ -16,7 +16,8 @@ than the product itself: a profile of the step (2026-11-29, 2 cores) had the pad
 concatenation of whole-batch columns at 1.2 of the 2 thread-seconds per step, the GEMMs at
 0.12. In pieces of about 2 MB the step went from about 86 to about 125 images/s.
 
-Use: `flax.linen.Conv(..., conv_general_dilated=cpu_conv.conv_general_dilated)`. Only NHWC
+Use: `ResNet(conv_impl='im2col')` (what `build_model` picks on CPU), or in any layer
+`flax.linen.Conv(..., conv_general_dilated=cpu_conv.conv_general_dilated)`. Only NHWC
 inputs with HWIO kernels, no dilation and one feature group take the new path; anything else
 goes to `lax.conv_general_dilated` unchanged, so the function is safe to pass everywhere.
 Outputs are identical; gradients equal XLA's to float rounding (tests/test_cpu_conv.py).
@@ -137,8 +138,3 @@ def _piece_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
 
 def _accumulator(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def for_backend(backend: str) -> Any:
-    """The convolution the models use on `backend`: this module's on CPU, XLA's (None) elsewhere."""
-    return conv_general_dilated if backend == "cpu" else None

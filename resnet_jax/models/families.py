@@ -18,6 +18,10 @@ The CIFAR pre-activation bottleneck nets (ResNet-164/1001) default to shortcut '
 1x1 projection where the shape changes, as in the 2016 paper's released code (zero-padding
 16 channels up to 64 in the first stage would leave three quarters of them empty); the
 pre-activation basic nets keep the 2015 CIFAR choice 'A'.
+
+Every family takes ``conv_impl`` as well: 'auto' (the default) picks the im2col weight
+gradient ('im2col') when JAX's default backend is the CPU and XLA's convolution ('xla')
+elsewhere, read once here, when the model is built (see ``ResNet.conv_impl``).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import dataclasses
 import re
 from typing import Any, Callable, Mapping, Optional
 
+import jax
+
 from resnet_jax.models.blocks import (BasicBlock, Bottleneck, PlainBlock, PlainBottleneck,
                                       PreActBasicBlock, PreActBottleneck)
-from resnet_jax.models.network import ResNet
+from resnet_jax.models.network import ResNet, conv_impl_for
 
 # The 2015 paper's Table 1 (ResNet-200 from the 2016 paper): depth -> (block, stage sizes).
 IMAGENET_DEPTHS: dict[int, tuple[type, tuple[int, ...]]] = {
@@ -56,7 +62,8 @@ RESNET_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(ResNet) if f.name not in ('parent', 'name'))
 
 
-def _kind(block: type) -> str:
+def block_kind(block: type) -> str:
+    """'basic' (output channels = width) or 'bottleneck' (4x width) for a block class."""
     return 'basic' if block.expansion == 1 else 'bottleneck'
 
 
@@ -66,7 +73,11 @@ def _make(defaults: Mapping[str, Any], overrides: Mapping[str, Any],
     if unknown:
         raise ValueError(f'unknown override(s) {unknown}; allowed keys: '
                          f'{sorted(RESNET_FIELDS + extra_allowed)}')
-    return ResNet(**{**defaults, **overrides})
+    fields = {**defaults, **overrides}
+    if fields.get('conv_impl', 'auto') == 'auto':
+        # Read here, not in the module: the model stays a pure function of its fields.
+        fields['conv_impl'] = conv_impl_for(jax.default_backend())
+    return ResNet(**fields)
 
 
 def _imagenet(depth: int, variant: str, overrides: Mapping[str, Any]) -> ResNet:
@@ -74,7 +85,7 @@ def _imagenet(depth: int, variant: str, overrides: Mapping[str, Any]) -> ResNet:
         raise ValueError(f'depth {depth} is not in the ImageNet depth table; allowed depths: '
                          f'{sorted(IMAGENET_DEPTHS)}')
     block, sizes = IMAGENET_DEPTHS[depth]
-    defaults = dict(stage_sizes=sizes, block_cls=VARIANTS[variant][_kind(block)],
+    defaults = dict(stage_sizes=sizes, block_cls=VARIANTS[variant][block_kind(block)],
                     num_classes=1000, stem='imagenet', stage_widths=IMAGENET_WIDTHS,
                     shortcut='B', stride_on_3x3=False)
     return _make(defaults, overrides)
@@ -172,7 +183,9 @@ def build_model(name: str, **overrides: Any) -> ResNet:
 
     Overrides are :class:`ResNet` field names (``shortcut``, ``dtype`` as a string,
     ``num_classes``, ``ghost_batch_size``, ...); ``cifar_preact_resnet`` also takes
-    ``block``. Every error is a ValueError raised before anything is traced.
+    ``block``. ``conv_impl`` is 'auto' unless given: 'im2col' when JAX's default backend
+    is the CPU, 'xla' elsewhere; 'xla' or 'im2col' forces one. Every error is a ValueError
+    raised before anything is traced.
     """
     match = _NAME.fullmatch(name.strip().lower()) if isinstance(name, str) else None
     if match is None or match.group(1) not in FAMILIES:

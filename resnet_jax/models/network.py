@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from resnet_jax.models import cpu_conv
 from resnet_jax.models.blocks import SHORTCUTS, GhostBatchNorm, ModuleDef
@@ -30,6 +31,17 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # reference where float32 rounding would decide the outcome); it needs 64-bit JAX.
 REFERENCE_DTYPES = {'float64': jnp.float64}
 KERNEL_INIT_MODES = ('fan_in', 'fan_out')
+# The convolution every conv layer calls (``ResNet.conv_impl``): XLA's own, or cpu_conv's, which
+# has XLA's forward pass and input gradient but computes the weight gradient as one im2col
+# matrix product (XLA:CPU runs it as a slow direct convolution: 10x the forward pass at 16
+# channels, 32x32). Same outputs; gradients equal to float rounding (tests/test_cpu_conv.py).
+CONV_IMPLS: dict[str, Callable] = {'xla': lax.conv_general_dilated,
+                                   'im2col': cpu_conv.conv_general_dilated}
+
+
+def conv_impl_for(backend: str) -> str:
+    """The ``conv_impl`` the model families pick on ``backend``: 'im2col' on CPU, else 'xla'."""
+    return 'im2col' if backend == 'cpu' else 'xla'
 
 
 def he_normal(mode: str = 'fan_in') -> Callable:
@@ -127,6 +139,13 @@ class ResNet(nn.Module):
       input_size: None = images go to the stem as they come; N = they are first resized
         bilinearly to N x N (on the device): to run ImageNet-pretrained weights on small
         images at the scale they were trained at (CIFAR-10 upsampled to 224).
+      conv_impl: the convolution function of every conv layer (see :data:`CONV_IMPLS`):
+        'xla' (default) = ``lax.conv_general_dilated``; 'im2col' = XLA's forward pass and
+        input gradient, but the weight gradient as one matrix product
+        (:mod:`resnet_jax.models.cpu_conv`), several times faster on XLA:CPU. Outputs are
+        identical, gradients equal to float rounding; no parameters depend on it. The model
+        families (:func:`~resnet_jax.models.build_model`) pick 'im2col' when JAX's default
+        backend is the CPU and 'xla' elsewhere (their ``conv_impl='auto'``).
 
     The classifier is Dense with LeCun-normal kernel (variance 1 / fan_in) and zero bias:
     no ReLU follows it, so He's factor 2 has no reason to be there; this is also the variance
@@ -149,6 +168,7 @@ class ResNet(nn.Module):
     kernel_init: Union[str, Callable] = 'fan_in'
     bn_frozen: bool = False
     input_size: Optional[int] = None
+    conv_impl: str = 'xla'
 
     def __post_init__(self) -> None:
         validate(self)
@@ -173,12 +193,9 @@ class ResNet(nn.Module):
         if self.input_size is not None:
             x = jax.image.resize(x, (x.shape[0], self.input_size, self.input_size, x.shape[-1]),
                                  'bilinear')
-        # XLA:CPU runs the weight gradient of few-channel convolutions as a slow direct
-        # convolution (10x the forward pass at 16 channels, 32x32); cpu_conv computes it as one
-        # matrix product instead: same outputs, same gradients up to float rounding.
-        conv_impl = cpu_conv.for_backend(jax.default_backend())
         conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=store,
-                                 kernel_init=_kernel_init(self.kernel_init), conv_general_dilated=conv_impl)
+                                 kernel_init=_kernel_init(self.kernel_init),
+                                 conv_general_dilated=CONV_IMPLS[self.conv_impl])
         norm = functools.partial(GhostBatchNorm, use_running_average=not train or self.bn_frozen,
                                  momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=dtype,
                                  param_dtype=store, ghost_batch_size=self.ghost_batch_size)
@@ -284,4 +301,7 @@ def validate(net: ResNet) -> None:
     if net.input_size is not None and (not isinstance(net.input_size, (int, np.integer))
                                        or isinstance(net.input_size, bool) or net.input_size <= 0):
         raise ValueError(f'input_size={net.input_size!r} must be None or a positive int')
+    if not isinstance(net.conv_impl, str) or net.conv_impl not in CONV_IMPLS:
+        raise ValueError(f'conv_impl={net.conv_impl!r} is not one of {tuple(CONV_IMPLS)} (the model '
+                         "families also take 'auto': 'im2col' on CPU, else 'xla')")
     resolve_dtype(net.dtype)
