@@ -27,10 +27,13 @@ import numpy as np
 
 from resnet_jax import models
 
-DEPTHS = {18: ('basic', (2, 2, 2, 2)), 26: ('bottleneck', (2, 2, 2, 2)),
-          34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3)),
-          101: ('bottleneck', (3, 4, 23, 3)), 152: ('bottleneck', (3, 8, 36, 3))}
 SOURCES = {'torchvision': (18, 34, 50, 101, 152), 'timm': (18, 26, 34, 50, 101, 152)}
+TIMM_RESNET26 = (models.Bottleneck, (2, 2, 2, 2))
+# depth -> ('basic' | 'bottleneck', stage sizes): the models' depth table plus timm's ResNet-26,
+# for the depths some source has (neither has ResNet-200).
+DEPTHS = {depth: (models.block_kind(block), sizes)
+          for depth, (block, sizes) in sorted({**models.IMAGENET_DEPTHS, 26: TIMM_RESNET26}.items())
+          if any(depth in depths for depths in SOURCES.values())}
 SUPPORTED = tuple(f'{src}:resnet{d}' for src, depths in SOURCES.items() for d in depths)
 COUNTER = 'num_batches_tracked'
 
