@@ -94,12 +94,14 @@ def assert_trees_close(a: dict, b: dict, rel: float) -> None:
 
 @pytest.fixture(scope="module")
 def one_vs_eight(tmp_path_factory, cache_dir):
-    """Global BN and ghost BN (G=4) runs on 1 device and on 8, in two concurrent processes."""
+    """Global BN and ghost BN (G=4: one group per device; G=2: two groups per device) runs on
+    1 device and on 8, in two concurrent processes."""
     root = tmp_path_factory.mktemp("scale")
     procs, runs = [], {}
     for devices in (1, 8):
         job = {"mode": "train", "runs": [], "hlo": str(root / f"hlo{devices}.txt") if devices == 8 else None}
-        for bn, extra in (("global", {"checkpoint_every_steps": 1}), ("ghost4", {"model__ghost_batch_size": 4})):
+        for bn, extra in (("global", {"checkpoint_every_steps": 1}), ("ghost4", {"model__ghost_batch_size": 4}),
+                          ("ghost2", {"model__ghost_batch_size": 2})):
             name = f"{bn}_{devices}"
             runs[name] = root / name
             run = {"workdir": str(root / name), "overrides": {**STEPS, **extra}, "out": str(root / f"{name}.npz")}
@@ -151,6 +153,20 @@ def test_ghost_batchnorm_is_per_group_and_independent_of_the_device_count(one_vs
     stats = "['batch_stats']['stem_bn']['var']"
     gap = np.max(np.abs(ghost1[stats] - glob[stats])) / np.max(np.abs(glob[stats]))
     assert gap > 1e-2, "ghost batches of 4 must give other running BN statistics than the global batch"
+
+
+def test_ghost_groups_smaller_than_the_per_device_batch_are_independent_of_the_device_count(one_vs_eight):
+    """G=2 with 4 examples per device: two groups on each device, the same 16 groups of
+    consecutive examples on 1 device and on 8, so the same losses to round-off (which BN over
+    2 values amplifies more than over 4), and other ones than with G=4."""
+    root, runs = one_vs_eight
+    ghost2_1, ghost2_8, ghost4_1 = (train_losses(runs[n]) for n in ("ghost2_1", "ghost2_8", "ghost4_1"))
+    assert len(ghost2_1) == len(ghost2_8) == 8
+    np.testing.assert_allclose(ghost2_8, ghost2_1, rtol=0, atol=1e-3)
+    assert np.max(np.abs(ghost2_1 - ghost4_1)) > 1e-2
+    two_1, two_8 = load(root / "ghost2_1.npz"), load(root / "ghost2_8.npz")
+    stats = "['batch_stats']['stem_bn']['var']"
+    np.testing.assert_allclose(two_8[stats], two_1[stats], rtol=1e-3)
 
 
 def test_each_device_gathers_only_its_share_of_the_batch(one_vs_eight):
