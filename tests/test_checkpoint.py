@@ -311,7 +311,7 @@ def test_restore_onto_a_different_device_count(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path / "checkpoints")],
-        env=env, capture_output=True, text=True, timeout=300,
+        check=False, env=env, capture_output=True, text=True, timeout=300,
     )
     assert "RESHARD_OK" in result.stdout, result.stderr[-3000:]
 
@@ -341,7 +341,7 @@ def test_kill_9_during_saves_resumes_from_a_complete_step(tmp_path):
         for line in child.stdout:
             if int(line) >= 4:  # several saves done, more in flight
                 break
-        time.sleep(np.random.default_rng().uniform(0.0, 0.3))
+        time.sleep(np.random.default_rng(0).uniform(0.0, 0.3))  # seeded: the same kill moment each run
     finally:
         child.kill()
         child.wait()
