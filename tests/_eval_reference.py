@@ -16,7 +16,7 @@ Computed in float64 from the given (float32) logits.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
