@@ -7,6 +7,7 @@ image, the samples' manifest labels, and tfds' mock data.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -227,7 +228,7 @@ def folder_with(tmp_path, bad: bytes | None, n: int = 7) -> Path:
     return root
 
 
-def test_corrupt_file_stops_with_its_name_or_is_skipped_and_counted(tmp_path):
+def test_corrupt_file_stops_with_its_name_or_is_skipped_and_counted(tmp_path, caplog):
     truncated = sample("tiger_shark").read_bytes()[:5000]
     clean = imagenet.ImageNetSpec("folder", str(folder_with(tmp_path / "clean", None)))
     broken_root = folder_with(tmp_path / "broken", truncated)
@@ -251,12 +252,34 @@ def test_corrupt_file_stops_with_its_name_or_is_skipped_and_counted(tmp_path):
     with pytest.raises(DataError, match=rf"{train_victim}: cannot be decoded"):
         next(imagenet.train_batches(broken, **tkw))
     skipping = imagenet.train_batches(broken, skip_bad_files=True, **tkw)
-    got, want = next(skipping), next(imagenet.train_batches(clean, **tkw))
+    with caplog.at_level(logging.WARNING):
+        got, want = next(skipping), next(imagenet.train_batches(clean, **tkw))
     assert skipping.bad_files == [str(train_victim)]
-    zero = np.all(got["image"] == 0, axis=(1, 2, 3))
-    assert zero.sum() == 1  # the bad row: zero (mean) image, every other row unchanged
-    np.testing.assert_array_equal(got["image"][~zero], want["image"][~zero])
-    np.testing.assert_array_equal(got["label"], want["label"])
+    assert f"skipping unreadable image {train_victim} (1 skipped so far)" in caplog.text
+    # Which row held the bad file: the step's rows are a pure function of (seed, step).
+    paths, _ = imagenet._folder_files(clean, "train")
+    rows = [Path(paths[i]).name for i in imagenet.train_indices(0, 0, 1, 7, len(paths))[0]]
+    (bad,) = [r for r, name in enumerate(rows) if name == train_victim.name]
+    others = np.arange(7) != bad
+    # Every other row exactly as in the clean run; the bad row is a copy of the next good
+    # row (image and label): no blank image and no wrong label reach the step.
+    np.testing.assert_array_equal(got["image"][others], want["image"][others])
+    np.testing.assert_array_equal(got["label"][others], want["label"][others])
+    substitute = (bad + 1) % 7
+    np.testing.assert_array_equal(got["image"][bad], want["image"][substitute])
+    assert got["label"][bad] == want["label"][substitute]
+    assert not np.any(np.all(got["image"] == 0, axis=(1, 2, 3)))
+
+
+def test_bad_training_rows_take_the_next_good_row_of_their_batch():
+    """The substitution rule on its own (both training sources use it): cyclic, labels too,
+    evaluation rows (masked, never None) untouched, an all-bad batch refused."""
+    rows = [None, {"label": 1}, None, {"label": 3}, None]
+    assert [r["label"] for r in imagenet._substitute(rows, list("abcde"))] == [1, 1, 3, 3, 1]
+    masked = [{"label": 0, "mask": False}, {"label": 1, "mask": True}]
+    assert imagenet._substitute(masked, ["a", "b"]) == masked
+    with pytest.raises(DataError, match="every file of a training batch failed.*first: a"):
+        imagenet._substitute([None, None], ["a", "b"])
 
 
 # ---------------------------------------------------------------------------- evaluation

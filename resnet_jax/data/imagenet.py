@@ -15,10 +15,14 @@ is exact on resume but depends on process_count (see `_tfds_train`).
 
 Bad files. An undecodable file stops the iterator with a DataError naming it (the failing
 step's files are re-decoded one by one to find it). With `skip_bad_files=True` the
-pipeline drops failed decodes and fills their rows in order (a zero, i.e. mean-coloured,
-image in training; `mask=False` in evaluation), so batch shapes, row positions and every
-other example stay exactly as without the bad file; each skip is logged with the file name
-and kept in the iterator's `bad_files` list.
+pipeline drops failed decodes and fills their rows in place, so batch shapes, row positions
+and every other example stay exactly as without the bad file: in training, a bad row takes
+a copy (image and label) of the next good row of the same step's batch on this process
+(cyclically), so no blank image or wrong label reaches the step or the BN statistics, and
+the substitute is a pure function of (seed, step) and the set of bad files, so resuming
+stays exact; in evaluation, a bad row is masked out (`mask=False`). Each skip is logged
+with the file name and kept in the iterator's `bad_files` list; a training batch whose rows
+all fail stops with a DataError.
 """
 
 from __future__ import annotations
@@ -283,7 +287,7 @@ def _assemble(elements, plan, make_row, on_bad):
 
     `elements` yields dicts with 'pos' in increasing order (failed ones dropped);
     `plan` yields per batch (positions [n], names [n]); rows without an element are
-    filled by `on_bad(name)` -> row dict.
+    filled by `on_bad(name)` -> row dict, or, where it returns None, by `_substitute`.
     """
     pending = next(elements, None)
     for positions, names in plan:
@@ -294,7 +298,21 @@ def _assemble(elements, plan, make_row, on_bad):
                 pending = next(elements, None)
             else:
                 rows.append(on_bad(name))
+        rows = _substitute(rows, names)
         yield {key: _stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def _substitute(rows: list, names: Sequence[str]) -> list:
+    """Each None row becomes the next good row of the batch, cyclically (a training row
+    whose file failed: a real example in its place, never a blank one)."""
+    good = [i for i, row in enumerate(rows) if row is not None]
+    if len(good) == len(rows):
+        return rows
+    if not good:
+        raise DataError(f"every file of a training batch failed to decode (first: {names[0]}); "
+                        "skip_bad_files=True can only replace a bad row by a good one of the same batch")
+    n = len(rows)
+    return [row if row is not None else rows[min(good, key=lambda g: (g - i) % n)] for i, row in enumerate(rows)]
 
 
 def _stack(values):
@@ -385,20 +403,15 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_bad_files:
         ds = ds.ignore_errors().prefetch(2 * per).with_options(_options(tf, threads))
-        zero = np.zeros((image_size, image_size, 3), np.float32)
 
         def plan():
             for _, indices, positions in plan_chunks():
                 for idx, pos in zip(indices, positions):
                     yield pos, [paths[i] for i in idx]
 
-        index_of = {}
-
         def on_bad(name):
-            if not index_of:  # built only when a file is bad
-                index_of.update({p: i for i, p in enumerate(paths)})
             it._skipped(name)
-            return {"image": zero, "label": labels[index_of[name]]}
+            return None  # replaced by a good row of the same batch (_substitute)
 
         yield from _assemble(ds.as_numpy_iterator(), plan(),
                              lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
@@ -462,7 +475,6 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
         steps = range(first, (epoch + 1) * steps_per_epoch)
         if skip_bad_files:
             ds = ds.ignore_errors().prefetch(2 * per).with_options(_options(tf, threads))
-            zero = np.zeros((image_size, image_size, 3), np.float32)
 
             def plan():
                 for step in steps:
@@ -471,7 +483,7 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
 
             def on_bad(name):
                 it._skipped(name)
-                return {"image": zero, "label": np.int32(0)}
+                return None  # replaced by a good row of the same batch (_substitute)
 
             yield from _assemble(ds.as_numpy_iterator(), plan(),
                                  lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
