@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _configs import ROOT, load_config
+from _configs import tiny_config as cifar_config
 from _imagenet import make_image_folder, samples
 
 from resnet_jax.train import steps
@@ -372,4 +373,40 @@ def test_evaluate_script_matches_the_reference(protocol, evaluated, references):
     assert got["top1_error"] == pytest.approx(expected["error"], abs=1e-9)
     assert got["top5_error"] == pytest.approx(expected["error_top5"], abs=1e-9)
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert 0 < expected["error_top5"] < expected["error"] < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR: the trainer's (and scripts/evaluate.py's) on-device evaluation of the test set
+
+
+def test_cifar_evaluation_matches_the_reference(cifar_dir):
+    """CifarSource.evaluate (what the trainer and scripts/evaluate.py call for CIFAR) on 300
+    test images in batches of 128: the last batch has 84 padding rows (index 0, mask False)."""
+    from resnet_jax import parallel
+    from resnet_jax.data import augment
+    from resnet_jax.train import loop, sources
+
+    config = cifar_config(cifar_dir, dataset__eval_subset=300, eval_batch_size=128)
+    mesh = parallel.make_mesh()
+    info = sources.describe(config)
+    model = loop.build_model(config, info.num_classes)
+    shape = (1, *info.image_shape)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    variables = _numpy_init(abstract, head_std=0.5, seed=1)
+    source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state=(), apply_fn=model.apply, tx=None)
+    record = steps.summarize_eval(source.evaluate(jax.device_put(state, parallel.replicated(mesh))))
+
+    images = augment.eval_batch(source.data.test.images, source.data.mean, source.data.std, dtype=jnp.float32)
+    logits = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, images))
+    labels = np.asarray(source.data.test.labels)
+    assert logits.shape == (300, 10) and labels.shape == (300,)
+    expected = ref.summary([([logits[:, None]], labels, np.ones(300, bool))])
+    _assert_no_near_ties(ref.averaged_probabilities([logits[:, None]]), labels)
+    assert record["count"] == expected["count"] == 300
+    assert record["error"] == pytest.approx(expected["error"], abs=1e-9)
+    assert record["error_top5"] == pytest.approx(expected["error_top5"], abs=1e-9)
+    assert record["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert 0 < expected["error_top5"] < expected["error"] < 1
