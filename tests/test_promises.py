@@ -1,0 +1,142 @@
+"""Promises of README.md and docs/*.md that no other test held, checked through the public
+entry points (`python -m resnet_jax.main`, the config files, the schedule a config yields).
+
+Tiny nets and few steps throughout: CIFAR's tiny_config (ResNet-8, 16 steps) and a ResNet-18
+at 1/8 width on 32-px crops of the shared ImageNet samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from _configs import ROOT, load_config, tiny_config
+from _imagenet import make_image_folder
+from _workdirs import final_arrays
+
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import optim
+from resnet_jax.train.metrics import read_metrics
+
+TIMEOUT_S = 300  # per command-line run: a hung run fails the test instead of CI
+
+
+def _flag(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def cifar_command(workdir: Path, cifar_dir: Path, **overrides: Any) -> list[str]:
+    """`python -m resnet_jax.main` with the --config.* flags that turn resnet8 into tiny_config."""
+    base = config_lib.flatten(load_config("resnet8").to_dict())
+    wanted = config_lib.flatten(tiny_config(cifar_dir, **overrides).to_dict())
+    flags = [f"--config.{k}={_flag(v)}" for k, v in sorted(wanted.items()) if base[k] != v]
+    return [sys.executable, "-m", "resnet_jax.main", "--config", "configs/cifar10.py:resnet8",
+            "--workdir", str(workdir), *flags]
+
+
+# ResNet-18 at 1/8 width on 32-px crops of a folder of 48 training JPEGs: 6 steps of 8 an epoch.
+IMAGENET_FLAGS = {
+    "dataset.name": "image_folder", "dataset.image_size": 32, "dataset.scale_range": (36, 48),
+    "dataset.eval_resize": 36, "dataset.eval_protocol": "center", "model.width_multiplier": 0.125,
+    "batch_size": 8, "reference_batch_size": 8, "eval_batch_size": 4,
+    "schedule.epochs": 2.0, "schedule.boundary_epochs": (1.0,), "steps_per_dispatch": 2, "log_every_steps": 2,
+    "eval_every_steps": 12, "checkpoint_every_steps": 4, "tensorboard": False,
+}
+
+
+def imagenet_command(workdir: Path, folder: Path, recipe: str = "", **flags: Any) -> list[str]:
+    wanted = {**IMAGENET_FLAGS, "dataset.data_dir": folder, **flags}
+    return [sys.executable, "-m", "resnet_jax.main", "--config", f"configs/imagenet.py:resnet18{recipe}",
+            "--workdir", str(workdir), *(f"--config.{k}={_flag(v)}" for k, v in wanted.items())]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """Subprocesses share one compilation cache: after the first run of a config, none compiles."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, check=False)
+    return proc.returncode, proc.stderr
+
+
+def assert_same_arrays(a: Path, b: Path, step: int) -> None:
+    step_a, items_a = final_arrays(a)
+    step_b, items_b = final_arrays(b)
+    assert step_a == step_b == step
+    assert jax.tree.structure(items_a) == jax.tree.structure(items_b)
+    jax.tree.map(np.testing.assert_array_equal, items_a, items_b)
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def cifar_reference(cifar_dir, tmp_path_factory, env) -> Path:
+    """tiny_config through the command line, never interrupted."""
+    workdir = tmp_path_factory.mktemp("cifar_reference") / "run"
+    rc, err = run(cifar_command(workdir, cifar_dir), env)
+    assert rc == 0, err[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imagenet"), n_val=4, n_train=48)
+
+
+# --- ResNet-1202's warm-up (configs/cifar10.py, docs/scaling.md) ----------------------------------
+
+@pytest.mark.parametrize("batch", [128, 1024])
+def test_resnet1202_warms_up_at_lr_0_01_for_400_iterations_then_0_1(batch):
+    """He et al. 2015, Section 4.2: 0.01 until the training error is below 80% (about 400
+    iterations), then 0.1. The config says it as a fixed 400 steps at batch 128, rescaled to the
+    batch like every step count; the 1202-layer net is never built (validate checks the name)."""
+    config = load_config(f"resnet1202,batch={batch}")
+    assert config.model.name == "cifar_resnet1202"
+    derived = config_lib.validate(config)
+    _, schedule = optim.build_optimizer(config, derived)
+    scale = batch / 128
+    warmup = round(400 / scale)
+    assert (derived.warmup_steps, derived.boundaries, derived.total_steps) == (
+        warmup, (round(32_000 / scale), round(48_000 / scale)), round(64_000 / scale))
+    expected = {0: 0.01, warmup - 1: 0.01, warmup: 0.1, round(32_000 / scale) - 1: 0.1,
+                round(32_000 / scale): 0.01, round(48_000 / scale): 0.001, round(64_000 / scale) - 1: 0.001}
+    got = {step: float(schedule(step)) for step in expected}
+    np.testing.assert_allclose(list(got.values()), [lr * scale for lr in expected.values()], rtol=1e-6)
+    # The other depths of the paper's Table 6 below 110 do not warm up.
+    assert config_lib.validate(load_config("resnet56")).warmup_steps == 0
+
+
+# --- A finished run whose metrics.jsonl lacks the final evaluation (loop.results) ----------------
+
+def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(cifar_reference, cifar_dir, tmp_path,
+                                                                              env):
+    workdir = tmp_path / "run"
+    shutil.copytree(cifar_reference, workdir)
+    (workdir / "results.json").unlink()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    last_eval = max(i for i, line in enumerate(lines) if json.loads(line)["split"] == "test")
+    deleted = json.loads(lines.pop(last_eval))
+    assert deleted["step"] == 16
+    (workdir / "metrics.jsonl").write_text("".join(lines))
+
+    rc, err = run(cifar_command(workdir, cifar_dir), env)
+    assert rc == 0, err[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == 16 and results["steps_this_run"] == 0 and results["resumed_from"] == 16
+    assert results["final_error"] == deleted["error"]
+    tests = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"]
+    assert tests == [8], f"the evaluation again must not be written as a record: {tests}"
