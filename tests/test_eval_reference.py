@@ -38,6 +38,22 @@ from resnet_jax.train.state import TrainState
 KEYS = ("loss_sum", "wrong", "wrong5", "count")
 
 
+def test_the_reference_by_hand():
+    """Two views of 3 classes: softmax [1/6, 4/6, 1/6] and [1/2, 1/4, 1/4] average to
+    [1/3, 11/24, 5/24], so labels 0, 1, 2 rank 1, 0, 2 and label 0 costs log 3."""
+    logits = np.array([[[0.0, np.log(4.0), 0.0], [np.log(2.0), 0.0, 0.0]]] * 3)
+    np.testing.assert_allclose(ref.averaged_probabilities([logits])[0], [1 / 3, 11 / 24, 5 / 24], rtol=1e-12)
+    ex = ref.per_example([logits], np.array([0, 1, 2]))
+    np.testing.assert_allclose(ex["loss"], -np.log([1 / 3, 11 / 24, 5 / 24]), rtol=1e-12)
+    np.testing.assert_array_equal(ex["wrong"], [1, 0, 1])
+    np.testing.assert_array_equal(ex["wrong5"], [0, 0, 0])
+    # The same two views as two groups of one view each (multi-scale style): the same average.
+    np.testing.assert_allclose(ref.averaged_probabilities([logits[:, :1], logits[:, 1:]]),
+                               ref.averaged_probabilities([logits]), rtol=1e-15)
+    assert ref.summary([([logits], np.array([0, 1, 2]), np.array([True, True, False]))]) == pytest.approx(
+        {"loss": (np.log(3) - np.log(11 / 24)) / 2, "error": 0.5, "error_top5": 0.0, "count": 2})
+
+
 # ---------------------------------------------------------------------------------------------
 # (a) eval_step on known logits
 
