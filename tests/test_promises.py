@@ -140,3 +140,71 @@ def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(ci
     assert results["final_error"] == deleted["error"]
     tests = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"]
     assert tests == [8], f"the evaluation again must not be written as a record: {tests}"
+
+
+# --- A full disk during a run (docs/reliability.md) --------------------------------------------
+
+# Runs resnet_jax.main with the disk "full" from step 12 on: argv[1] says which write fails.
+# metrics: the append of any record of step >= 12 to metrics.jsonl (os.write, as a real full
+# disk fails it); checkpoint: any file orbax writes into the folder of a step >= 12.
+_FULL_DISK = """
+import errno, os, re, sys, types
+from absl import app
+from etils import epath
+from resnet_jax import main
+from resnet_jax.train import metrics
+
+def full():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+what = sys.argv.pop(1)
+if what == "metrics":
+    real_write = os.write
+    def write(fd, data):
+        step = re.match(rb'{"step": (\\d+)', data)
+        if step and int(step.group(1)) >= 12:
+            raise full()
+        return real_write(fd, data)
+    metrics.os = types.SimpleNamespace(**{**vars(os), "write": write})
+else:
+    path_cls = type(epath.Path("/"))
+    real_write_text, real_write_bytes = path_cls.write_text, path_cls.write_bytes
+    def late_step(path):
+        return any(re.fullmatch(r"(\\d+)(\\.orbax-checkpoint-tmp.*)?", part) and int(re.match(r"\\d+", part)[0]) >= 12
+                   for part in path.parts)
+    def guard(real):
+        def write(self, *args, **kwargs):
+            if late_step(self):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+            return real(self, *args, **kwargs)
+        return write
+    path_cls.write_text, path_cls.write_bytes = guard(real_write_text), guard(real_write_bytes)
+sys.argv = ["resnet_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+@pytest.mark.parametrize("what", ["metrics", "checkpoint"])
+def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(cifar_reference, cifar_dir, tmp_path,
+                                                                         env, what):
+    workdir = tmp_path / "run"
+    cmd = cifar_command(workdir, cifar_dir)
+    rc, err = run([sys.executable, "-c", _FULL_DISK, what, *cmd[cmd.index("--config"):]], env)
+    assert rc == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last, err[-3000:]
+    if what == "metrics":
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [last]
+        assert str(workdir / "metrics.jsonl") in last, last
+    else:  # orbax's background threads log their own failures (ERROR lines, tracebacks) first
+        assert last.startswith(f"error: saving checkpoint step 12 to {workdir / 'checkpoints'} failed: ")
+        assert "12.orbax-checkpoint-tmp" in last and last.endswith("earlier checkpoints are intact"), last
+    assert checkpoint_steps(workdir)[-2:] == [4, 8]
+    if what == "metrics":  # nothing of step 12 written, not even part of a line
+        assert max(r["step"] for r in read_metrics(workdir / "metrics.jsonl")) == 8
+    # Space back: the same command resumes from step 8 and ends where an undisturbed run ends.
+    rc, err = run(cmd, env)
+    assert rc == 0, err[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["resumed_from"] == 8
+    assert_same_arrays(cifar_reference, workdir, 16)

@@ -243,9 +243,11 @@ class MetricsWriter:
             if written != len(line):
                 raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes (disk full?)")
             os.fsync(fd)
-        except OSError:
+        except OSError as e:
             # Leave no partial record behind: the file keeps only whole lines.
             os.ftruncate(fd, start)
+            if e.errno is not None and e.filename is None:  # os.write's ENOSPC names no file: say which
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
             raise
 
     def truncate_after(self, step: int) -> int:
