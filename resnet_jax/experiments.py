@@ -64,7 +64,7 @@ def _set_field(config: Any, dotted: str, text: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from resnet_jax.train.workdir import atomic_write_json
+    from resnet_jax.files import atomic_write_json
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)
 

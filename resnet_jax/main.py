@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 from resnet_jax import errors
 from resnet_jax.console import configure_logging, parse_flags
+from resnet_jax.interop.weights import load_for_init
 from resnet_jax.train.loop import PreemptedError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet20.",
@@ -76,7 +77,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging(detailed=flags.FLAGS["verbosity"].present)
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        # The trainer knows no weight-file format: the loader for `init_from` is wired here.
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value, load_weights=load_for_init)
     except BaseException as e:  # mapped by family; bugs and SystemExit go on
         if isinstance(e, (SystemExit, GeneratorExit)):
             raise

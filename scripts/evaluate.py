@@ -32,7 +32,7 @@ from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop, sources, steps
 from resnet_jax.train.state import TrainState
-from resnet_jax.train.workdir import atomic_write_json
+from resnet_jax.files import atomic_write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imagenet.py:resnet50.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")

@@ -280,12 +280,14 @@ def start_weights(folder, val_labels, tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(folder, start_weights, tmp_path_factory):
     """One training step from `start_weights` per protocol; each run evaluates with its protocol."""
+    from resnet_jax.interop import weights
     from resnet_jax.train import loop
 
     out = {}
     for protocol in PROTOCOLS:
         workdir = tmp_path_factory.mktemp(protocol) / "run"
-        loop.train_and_evaluate(tiny_config(folder, protocol, init_from=str(start_weights)), str(workdir))
+        loop.train_and_evaluate(tiny_config(folder, protocol, init_from=str(start_weights)), str(workdir),
+                                load_weights=weights.load_for_init)
         out[protocol] = workdir
     return out
 

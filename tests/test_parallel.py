@@ -24,7 +24,7 @@ from resnet_jax import parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop
 from resnet_jax.train.metrics import read_metrics
-from resnet_jax.train.workdir import atomic_write_json
+from resnet_jax.files import atomic_write_json
 
 WORKER = Path(__file__).resolve().parent / "_multiprocess_worker.py"
 TIMEOUT_S = 240

@@ -151,6 +151,13 @@ def test_bad_config_is_refused_before_anything_runs(cifar_dir, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_init_from_without_a_weight_loader_is_refused_before_anything_runs(cifar_dir, tmp_path):
+    """The trainer reads no weight files itself: the command line hands it the loader."""
+    with pytest.raises(ConfigError, match="init_from.*no weight loader.*load_for_init"):
+        loop.train_and_evaluate(tiny_config(cifar_dir, init_from=str(tmp_path / "weights")), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_fused_scan_equals_step_by_step_dispatch(cifar_dir):
     """The lax.scan path (GPU/TPU) computes what the one-step-per-dispatch path (CPU) does."""
     from resnet_jax import models, parallel

@@ -15,12 +15,8 @@ import pytest
 
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
-from resnet_jax.train.workdir import (
-    WorkdirError,
-    atomic_write_json,
-    config_differences,
-    prepare_workdir,
-)
+from resnet_jax.files import atomic_write_json, flatten_dict, unflatten_dict
+from resnet_jax.train.workdir import WorkdirError, config_differences, prepare_workdir
 
 CONFIG = {
     "total_steps": 64000,
@@ -102,6 +98,14 @@ def test_a_field_added_after_the_run_started_resumes_at_its_default(tmp_path):
     with pytest.raises(WorkdirError, match="new"):
         prepare_workdir(tmp_path, {"a": 1, "new": "y"}, allow_config_change=False, ignore_keys=set(),
                         added_defaults={"new": "x"})
+
+
+def test_flatten_dict_with_either_separator_and_its_inverse():
+    tree = {"a": {"b": 1, "c": {"d": [2]}}, "e": {}, "f": None}
+    assert flatten_dict(tree) == {"a.b": 1, "a.c.d": [2], "e": {}, "f": None}
+    assert flatten_dict(tree, sep="/", keep_empty=False) == {"a/b": 1, "a/c/d": [2], "f": None}
+    assert unflatten_dict(flatten_dict(tree, sep="/", keep_empty=False), sep="/") == {
+        "a": {"b": 1, "c": {"d": [2]}}, "f": None}
 
 
 def test_unwritable_workdir_is_refused(tmp_path):

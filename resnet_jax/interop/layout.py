@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.errors import UserError
 
 SOURCES = {'torchvision': (18, 34, 50, 101, 152), 'timm': (18, 26, 34, 50, 101, 152)}
 TIMM_RESNET26 = (models.Bottleneck, (2, 2, 2, 2))
@@ -38,7 +39,7 @@ SUPPORTED = tuple(f'{src}:resnet{d}' for src, depths in SOURCES.items() for d in
 COUNTER = 'num_batches_tracked'
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A file or a set of variables does not fit the architecture asked for; says where."""
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.files import flatten_dict, unflatten_dict
 from resnet_jax.interop import layout
 from resnet_jax.interop.layout import ConversionError
 
@@ -106,7 +107,7 @@ def save_converted(dst: str | os.PathLike, variables: Mapping[str, Any],
                    record: Mapping[str, Any]) -> Path:
     """Writes ``variables`` and ``record`` as a converted checkpoint directory (see module doc)."""
     from resnet_jax.train.checkpoint import Checkpointer
-    from resnet_jax.train.workdir import atomic_write_json
+    from resnet_jax.files import atomic_write_json
 
     dst = Path(os.path.abspath(os.path.expanduser(os.fspath(dst))))
     if (dst / 'checkpoints').exists():
@@ -151,36 +152,17 @@ def restore_variables(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     Read-only: nothing under ``path`` is created, moved or cleaned. The step is checked
     against its sha256 manifest when there is one.
     """
-    import orbax.checkpoint as ocp
-
-    from resnet_jax.train.checkpoint import MANIFEST_DIR, verify_files
+    from resnet_jax.train.checkpoint import CheckpointError, read_newest
 
     root = _checkpoint_root(Path(os.path.abspath(os.fspath(path))))
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()),
-                   reverse=True)
-    if not steps:
-        raise ConversionError(f'{root} holds no checkpoint step')
-    step = steps[0]
-    manifest = root / MANIFEST_DIR / f'{step}.json'
-    if manifest.is_file():
-        problems = verify_files(root / str(step), json.loads(manifest.read_text())['files'])
-        if problems:
-            raise ConversionError(f'checkpoint step {step} under {root} is damaged: {problems[0]}')
-    # create=False and no cleanup: reading must not touch someone else's directory.
-    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
-    manager = ocp.CheckpointManager(root, options=options)
     try:
-        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-    except Exception as e:  # orbax/tensorstore error types vary
-        raise ConversionError(f'cannot restore checkpoint step {step} under {root}: '
-                              f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}') from None
-    finally:
-        manager.close()
+        items, step = read_newest(root)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if 'params' not in items:
         raise ConversionError(f'checkpoint step {step} under {root} has no params '
                               f'(items: {sorted(items)})')
-    variables = {'params': jax.tree.map(np.asarray, items['params']),
-                 'batch_stats': jax.tree.map(np.asarray, items.get('batch_stats') or {})}
+    variables = {'params': items['params'], 'batch_stats': items.get('batch_stats') or {}}
     return variables, step
 
 
@@ -231,27 +213,6 @@ def _build(record: Mapping[str, Any], overrides: Mapping[str, Any], path: Path) 
         raise ConversionError(f'{path}: cannot rebuild its model {record.get("model")!r}: {e}') from None
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f'{prefix}{k}/'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
-def _unflat(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        *parents, leaf = key.split('/')
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
                     origin: str = 'init_from', log: Callable[[str], None] = log.info,
                     fresh_prefixes: tuple[str, ...] = ('params/head/',)) -> dict[str, Any]:
@@ -262,8 +223,8 @@ def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
     differently shaped leaf raises ConversionError naming the first one. Values take the
     target leaf's dtype and, for jax arrays, its sharding.
     """
-    src = _flat({k: source.get(k, {}) for k in ('params', 'batch_stats')})
-    tgt = _flat({k: target.get(k, {}) for k in ('params', 'batch_stats')})
+    src = flatten_dict({k: source.get(k, {}) for k in ('params', 'batch_stats')}, sep='/', keep_empty=False)
+    tgt = flatten_dict({k: target.get(k, {}) for k in ('params', 'batch_stats')}, sep='/', keep_empty=False)
     fresh = []
     out = {}
     for key, t in tgt.items():
@@ -290,7 +251,7 @@ def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
     if fresh:
         log(f'{origin}: the classifier shape differs (num_classes), so it starts freshly '
             f'initialised: {"; ".join(fresh)}')
-    tree = _unflat(out)
+    tree = unflatten_dict(out, sep='/')
     return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
 
 
@@ -317,6 +278,12 @@ def init_variables_from(path: str | os.PathLike, target_variables: Mapping[str, 
             check_same_meaning(_build(record, {}, Path(path)), model, f'init_from {path}',
                                'the new model')
     return match_variables(variables, target_variables, origin=f'init_from {path}', log=log)
+
+
+def load_for_init(path: str, target_variables: Mapping[str, Any], model: models.ResNet) -> dict[str, Any]:
+    """The trainer's weight loader for ``config.init_from`` (``train_and_evaluate(...,
+    load_weights=load_for_init)``): :func:`init_variables_from`, logging what it matched."""
+    return init_variables_from(path, target_variables, log=log.info, model=model)
 
 
 def export_state_dict(path: str | os.PathLike, arch: str | None = None

@@ -57,7 +57,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from resnet_jax.errors import UserError
-from resnet_jax.train.workdir import atomic_write_json, fsync_dir, to_json_compatible
+from resnet_jax.files import atomic_write_json, fsync_dir, to_json_compatible
 
 log = logging.getLogger(__name__)
 
@@ -437,3 +437,32 @@ class Checkpointer:
             fsync_dir(self.directory)
         _sync("resnet_jax_checkpoint_quarantine")
         self._manager.reload()
+
+
+def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """(the saved state's items as numpy arrays, step) of the newest step under `directory`,
+    read-only: for readers outside a training run (weight conversion, evaluation of someone
+    else's run). Nothing under `directory` is created, moved, cleaned or locked. The step is
+    checked against its manifest when it has one; a damaged or unreadable newest step is a
+    `CheckpointError` naming it (a reader must not silently fall back to older weights)."""
+    root = Path(os.path.abspath(os.fspath(directory)))
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+    if not steps:
+        raise CheckpointError(f"{root} holds no checkpoint step")
+    step = steps[0]
+    manifest = root / MANIFEST_DIR / f"{step}.json"
+    if manifest.is_file():
+        problems = verify_files(root / str(step), json.loads(manifest.read_text())["files"])
+        if problems:
+            raise CheckpointError(f"checkpoint step {step} under {root} is damaged: {problems[0]}")
+    # create=False and no cleanup: reading must not touch someone else's directory.
+    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+    manager = ocp.CheckpointManager(root, options=options)
+    try:
+        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:  # orbax/tensorstore error types vary
+        raise CheckpointError(f"cannot restore checkpoint step {step} under {root}: "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, items), step

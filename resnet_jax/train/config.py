@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from resnet_jax import models
 from resnet_jax.errors import UserError
+from resnet_jax.files import flatten_dict
 from resnet_jax.train import fields
 
 
@@ -48,15 +49,9 @@ SCHEMA = schema_for("cifar10")  # the CIFAR trainer's full schema (kept under it
 RESUMABLE_CHANGES = resumable_fields()
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted field name -> value (empty blocks dropped)."""
+    return flatten_dict(tree, keep_empty=False)
 
 
 def _as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
@@ -301,6 +296,8 @@ def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:
 def _check_model(flat: Mapping[str, Any]) -> None:
     model_cfg = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("model.")}
     try:
-        models.build_model(model_cfg["name"], **model_overrides(model_cfg))
+        # A fixed conv_impl: checking the fields must not ask JAX for its backend, which would
+        # initialise it before a multi-process run has called jax.distributed.initialize.
+        models.build_model(model_cfg["name"], **{**model_overrides(model_cfg), "conv_impl": "xla"})
     except ValueError as e:
         raise ConfigError(f"config field model ({model_cfg['name']!r}): {e}") from None

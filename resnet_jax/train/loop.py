@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,16 +39,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax import models, parallel
-from resnet_jax.errors import ResNetJaxError
+from resnet_jax.errors import ResNetJaxError, UserError
+from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.metrics import MetricsWriter, Progress, describe_devices, read_metrics
 from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
-from resnet_jax.train.workdir import atomic_write_json, prepare_workdir, release_workdir
+from resnet_jax.train.workdir import prepare_workdir, release_workdir
 
 log = logging.getLogger(__name__)
+
+# (path, the new run's initial variables, its model) -> variables read from `path` and
+# matched to those shapes; raises a UserError for a file that does not fit.
+WeightLoader = Callable[[str, Mapping[str, Any], Any], Mapping[str, Any]]
 
 
 # Room for metrics.jsonl, TensorBoard files and orbax's small metadata files.
@@ -220,8 +226,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
 class _Run:
     """One training run's set-up and the per-chunk work; `train_and_evaluate` drives it."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, load_weights: WeightLoader | None):
         config_lib.check_fields(config)  # every field, before jax.distributed or any device work
+        if config.init_from and load_weights is None:
+            raise config_lib.ConfigError(
+                f"config field init_from = {config.init_from!r}: this caller of train_and_evaluate gave no "
+                "weight loader; pass load_weights=resnet_jax.interop.weights.load_for_init (python -m "
+                "resnet_jax.main does)")
+        self.load_weights = load_weights
         parallel.initialize(config.distributed)
         self.mesh = parallel.make_mesh()
         self.info = sources.describe(config)
@@ -269,7 +281,7 @@ class _Run:
                            for k in self.window}
             self.state = self.state.replace_items(items)
         elif config.init_from:
-            self.state = _init_from(self.state, config.init_from, model)
+            self.state = _init_from(self.state, config.init_from, model, self.load_weights)
         self.last_good = self.start_step if restored is not None else None
         self.writer = MetricsWriter(self.workdir, enabled=self.main, tensorboard=config.tensorboard)
         self.writer.truncate_after(self.start_step)
@@ -406,25 +418,28 @@ class _Run:
         }
 
 
-def _init_from(state: TrainState, path: str, model: Any) -> TrainState:
-    """The new run's weights from a converted or trained checkpoint (fine-tuning); a head
-    of another size stays freshly initialised. The momentum starts at zero either way."""
-    from resnet_jax.interop import weights
-
+def _init_from(state: TrainState, path: str, model: Any, load_weights: WeightLoader) -> TrainState:
+    """The new run's weights from a converted or trained checkpoint (fine-tuning), through the
+    loader the caller handed in; the momentum starts at zero either way."""
     try:
-        variables = weights.init_variables_from(path, state.variables, log=log.info, model=model)
-    except weights.ConversionError as e:
+        variables = load_weights(path, state.variables, model)
+    except UserError as e:
         raise config_lib.ConfigError(f"config field init_from = {path!r}: {e}") from None
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       load_weights: WeightLoader | None = None) -> dict[str, Any]:
     """Trains and evaluates as `config` says, in `workdir`; returns what results.json holds.
+
+    `load_weights(path, target_variables, model) -> variables` reads `config.init_from` (the
+    command line passes `resnet_jax.interop.weights.load_for_init`); the trainer knows no
+    weight-file format. A run with `init_from` and no loader is refused before anything runs.
 
     Raises ConfigError, WorkdirError, DataError, CheckpointError for what a user can fix;
     NonFiniteLossError when training diverges; PreemptedError after SIGTERM or Ctrl-C and a save.
     """
-    run = _Run(config, workdir)
+    run = _Run(config, workdir, load_weights)
     preempted = False
     try:
         run.start()

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from resnet_jax.train.workdir import STR_TO_NON_FINITE, atomic_write_bytes, to_json_compatible
+from resnet_jax.files import STR_TO_NON_FINITE, atomic_write_bytes, to_json_compatible
 
 log = logging.getLogger(__name__)
 
