@@ -31,17 +31,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-# ImageNet statistics in 0..255 RGB units (torchvision's mean/std x 255).
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# AlexNet PCA lighting: eigenvalues/eigenvectors of the ImageNet RGB covariance (0..255
-# units; the values fb.resnet.torch publishes in 0..1 units, times 255). Columns are vectors.
-EIGVAL = (55.46, 4.794, 1.148)
-EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
+from resnet_jax.data.constants import EIGVAL, EIGVEC, MEAN_RGB, STD_RGB
 
 
 # ---------------------------------------------------------------------------- decoding

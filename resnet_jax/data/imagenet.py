@@ -40,12 +40,7 @@ import numpy as np
 
 from resnet_jax.data import DataError
 from resnet_jax.data.batching import train_indices
-
-# Same values as image_transforms (which imports TensorFlow); 0..255 RGB units.
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-EIGVAL = (55.46, 4.794, 1.148)
-EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+from resnet_jax.data.constants import EIGVAL, EIGVEC, MEAN_RGB, STD_RGB  # noqa: F401 (re-exported)
 
 SOURCES = ("tfds", "folder")
 TRANSFORMS = ("paper", "inception")
