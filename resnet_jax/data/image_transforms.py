@@ -33,7 +33,6 @@ import tensorflow as tf
 
 from resnet_jax.data.constants import EIGVAL, EIGVEC, MEAN_RGB, STD_RGB
 
-
 # ---------------------------------------------------------------------------- decoding
 
 def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
