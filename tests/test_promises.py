@@ -208,3 +208,48 @@ def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(cifar_
     results = json.loads((workdir / "results.json").read_text())
     assert results["resumed_from"] == 8
     assert_same_arrays(cifar_reference, workdir, 16)
+
+
+# --- The ImageNet recipes and label smoothing train from the command line ------------------------
+
+# What each recipe of configs/imagenet.py sets apart from the paper's (its docstring's list).
+RECIPE_VALUES = {
+    "goyal": {"model.zero_init_last": True, "optimizer.weight_decay_on": "no_bn", "schedule.warmup": "linear",
+              "schedule.warmup_learning_rate": 0.1, "schedule.scale_warmup_learning_rate": False,
+              "dataset.train_transform": "inception", "dataset.pca_std": 0.0},
+    "v1.5": {"model.stride_on_3x3": True, "model.dtype": "bfloat16", "label_smoothing": 0.1,
+             "schedule.kind": "cosine", "schedule.warmup": "linear", "schedule.warmup_learning_rate": 0.0,
+             "dataset.train_transform": "inception", "dataset.eval_protocol": "center"},
+    "ghost": {"model.ghost_batch_size": 32},
+}
+# The tiny run's own schedule: 2 epochs of 8 or 32 images a step, warm-up shortened to fit.
+RECIPE_FLAGS = {
+    "goyal": {"schedule.warmup_epochs": 0.5},
+    "v1.5": {"schedule.warmup_epochs": 0.5, "schedule.boundary_epochs": ()},
+    "ghost": {"batch_size": 32, "reference_batch_size": 32, "steps_per_dispatch": 1, "log_every_steps": 1,
+              "eval_every_steps": 3, "checkpoint_every_steps": 3},  # BN over 32: a batch of 32
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_VALUES))
+def test_imagenet_recipe_trains_from_the_command_line(recipe, folder, tmp_path, env):
+    workdir = tmp_path / "run"
+    rc, err = run(imagenet_command(workdir, folder, f",{recipe}", **RECIPE_FLAGS[recipe]), env)
+    assert rc == 0, err[-3000:]
+    saved = config_lib.flatten(json.loads((workdir / "config.json").read_text()))
+    assert {k: saved[k] for k in RECIPE_VALUES[recipe]} == RECIPE_VALUES[recipe]
+    train = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    assert train and all(np.isfinite(r["loss"]) for r in train)
+    assert json.loads((workdir / "results.json").read_text())["steps"] == train[-1]["step"]
+
+
+def test_label_smoothing_trains_from_the_command_line(cifar_reference, cifar_dir, tmp_path, env):
+    workdir = tmp_path / "run"
+    rc, err = run(cifar_command(workdir, cifar_dir) + ["--config.label_smoothing=0.1"], env)
+    assert rc == 0, err[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["label_smoothing"] == 0.1
+    smoothed = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+    plain = [r["loss"] for r in read_metrics(cifar_reference / "metrics.jsonl") if r["split"] == "train"]
+    assert len(smoothed) == 4 and all(np.isfinite(smoothed))
+    # Same data, same start: the smoothed targets change the loss from the first logged step on.
+    assert smoothed[0] != plain[0]
