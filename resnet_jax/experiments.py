@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-_REPO_CONFIG = Path(__file__).resolve().parents[1] / 'configs' / 'cifar10.py'
+# The recipe ships with the package, so a non-editable install finds it too.
+_PACKAGED_CONFIG = Path(__file__).resolve().parent / 'configs' / 'cifar10.py'
 
 
 def load_config_file(path: str | Path, arg: str):
@@ -30,7 +31,7 @@ def load_config_file(path: str | Path, arg: str):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py '
-                                'in the repository)')
+                                f'in the repository, {_PACKAGED_CONFIG} in the installed package)')
     from resnet_jax.errors import UserError
     spec = importlib.util.spec_from_file_location(f'_experiment_config_{path.stem}', path)
     module = importlib.util.module_from_spec(spec)
@@ -222,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--families', nargs='+', default=['plain', 'resnet'], choices=['plain', 'resnet'])
     d.add_argument('--workdir', default='runs/degradation', help='one workdir per net under this folder')
     d.add_argument('--out', default=None, help='where the PNG, JSON and markdown go (default: --workdir)')
-    d.add_argument('--config', default=str(_REPO_CONFIG), help='the CIFAR config file (get_config(name))')
+    d.add_argument('--config', default=str(_PACKAGED_CONFIG),
+                   help="the CIFAR config file (get_config(name)); default: the package's CIFAR-10 recipe")
     d.add_argument('--steps', type=int, default=None,
                    help="compress the paper's 64k-step schedule to this many steps (small machines)")
     d.add_argument('--batch', type=int, default=128, help='batch size (lr by the linear scaling rule)')

@@ -4,7 +4,7 @@ Layers, bottom to top (a module may import its own layer and those below):
   0  errors, files                    (no resnet_jax imports but each other)
   1  models, data, parallel, console  (the network, the input pipelines, devices, logging)
   2  train, summary                   (the trainer; summaries of models)
-  3  interop, analysis                (weight files; the paper's analyses)
+  3  interop, analysis, configs       (weight files; the paper's analyses; the recipes)
   4  main, convert, experiments       (command lines: they wire what lower layers must not import)
 Read from the source with `ast`, lazy imports inside functions included.
 """
@@ -18,7 +18,7 @@ from _configs import ROOT
 
 PACKAGE = ROOT / "resnet_jax"
 LAYERS = {"errors": 0, "files": 0, "models": 1, "data": 1, "parallel": 1, "console": 1, "train": 2,
-          "summary": 2, "interop": 3, "analysis": 3, "main": 4, "convert": 4, "experiments": 4}
+          "summary": 2, "interop": 3, "analysis": 3, "configs": 3, "main": 4, "convert": 4, "experiments": 4}
 
 
 def unit(dotted: str) -> str:
