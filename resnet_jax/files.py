@@ -109,3 +109,26 @@ def unflatten_dict(flat: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+# Room for metrics.jsonl, TensorBoard files and orbax's small metadata files.
+DISK_MARGIN_BYTES = 64 << 20
+
+
+def _bytes_under(path: Path) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # deleted meanwhile
+                pass
+    return total
+
+
+def disk_space_needed(workdir: str, step_bytes: int, keep: int) -> int:
+    """Free bytes a run needs: `keep` checkpoints plus the one being written before the
+    oldest is deleted, less what earlier checkpoints of a resumed run already occupy."""
+    path = Path(os.path.abspath(os.path.expanduser(workdir))) / "checkpoints"
+    existing = _bytes_under(path) if path.is_dir() else 0
+    return max(0, (keep + 1) * step_bytes - existing) + DISK_MARGIN_BYTES

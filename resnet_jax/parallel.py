@@ -8,8 +8,10 @@ reductions over the global batch). No pmap.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any, Mapping
 
 import jax
@@ -139,3 +141,36 @@ def host_local_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def describe_devices(devices: Any = None) -> str:
+    """What runs where, in words: '1 CPU device (2 cores)', '8 NVIDIA H200 GPUs over 2 processes'."""
+    devices = list(jax.devices() if devices is None else devices)
+    kinds: dict[str, int] = {}
+    for device in devices:
+        name = "CPU" if device.platform == "cpu" else f"{device.device_kind} {device.platform.upper()}"
+        kinds[name] = kinds.get(name, 0) + 1
+    parts = [f"{count} {name} device{'s' if count > 1 else ''}" if name == "CPU"
+             else f"{count} {name}{'s' if count > 1 else ''}" for name, count in kinds.items()]
+    text = ", ".join(parts)
+    if all(device.platform == "cpu" for device in devices):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        text += f" ({cores} core{'s' if cores != 1 else ''})"
+    processes = len({device.process_index for device in devices})
+    return text + (f" over {processes} processes" if processes > 1 else "")
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """Each process's rows -> global arrays, `size` batches ahead of the consumer.
+
+    The transfers are asynchronous, so while the step runs on batch t the next ones are
+    already on their way to the devices.
+    """
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(host_local_to_global(batch, mesh))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

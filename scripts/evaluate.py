@@ -30,7 +30,7 @@ from resnet_jax import errors, models, parallel
 from resnet_jax.console import configure_logging, parse_flags
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
-from resnet_jax.train import loop, sources, steps
+from resnet_jax.train import sources, steps
 from resnet_jax.train.state import TrainState
 from resnet_jax.files import atomic_write_json
 
@@ -69,7 +69,7 @@ def evaluate(config, path: str) -> dict:
         raise config_lib.ConfigError(f"config field eval_batch_size = {config.eval_batch_size} does not divide "
                                      f"by the {mesh.devices.size} devices")
     info = sources.describe(config, splits=("eval",))  # the training data need not be there
-    model = loop.build_model(config, info.num_classes)
+    model = config_lib.build_model(config, info.num_classes)
     try:
         variables, _ = weights.load_variables(path)
     except weights.ConversionError as e:

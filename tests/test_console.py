@@ -10,7 +10,7 @@ import pytest
 from absl import logging as absl_logging
 
 from resnet_jax import main as main_lib
-from resnet_jax.train.metrics import describe_devices
+from resnet_jax.parallel import describe_devices
 
 
 @pytest.fixture

@@ -262,9 +262,9 @@ def start_weights(folder, val_labels, tmp_path_factory):
     logits (head std HEAD_STD) say. The runs keep BN frozen: their one training step leaves
     the running statistics as they are here."""
     from resnet_jax.interop import weights
-    from resnet_jax.train import loop
+    from resnet_jax.train import config as config_lib
 
-    model = loop.build_model(tiny_config(folder, "center"), 1000)
+    model = config_lib.build_model(tiny_config(folder, "center"), 1000)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     variables = _numpy_init(abstract, HEAD_STD)
     boost = np.zeros(1000, np.float32)
@@ -297,12 +297,13 @@ def _reference_from_run(folder, workdir, protocol):
     then the numpy reduction. Also returns the per-image averaged probabilities and labels."""
     from resnet_jax.data import imagenet
     from resnet_jax.interop import weights
-    from resnet_jax.train import loop, sources
+    from resnet_jax.train import config as config_lib
+    from resnet_jax.train import sources
 
     config = tiny_config(folder, protocol)
     d = config.dataset
     variables, _ = weights.load_variables(workdir)
-    apply = jax.jit(functools.partial(loop.build_model(config, 1000).apply, train=False))
+    apply = jax.jit(functools.partial(config_lib.build_model(config, 1000).apply, train=False))
     batches = []
     pipeline = imagenet.eval_batches(sources.imagenet_spec(d), protocol=protocol,
                                      per_process_batch=EVAL_BATCH, process_index=0, process_count=1,
@@ -403,12 +404,13 @@ def test_cifar_evaluation_matches_the_reference(cifar_dir):
     test images in batches of 128: the last batch has 84 padding rows (index 0, mask False)."""
     from resnet_jax import parallel
     from resnet_jax.data import augment
-    from resnet_jax.train import loop, sources
+    from resnet_jax.train import config as config_lib
+    from resnet_jax.train import sources
 
     config = cifar_config(cifar_dir, dataset__eval_subset=300, eval_batch_size=128)
     mesh = parallel.make_mesh()
     info = sources.describe(config)
-    model = loop.build_model(config, info.num_classes)
+    model = config_lib.build_model(config, info.num_classes)
     shape = (1, *info.image_shape)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
     variables = _numpy_init(abstract, head_std=0.5, seed=1)

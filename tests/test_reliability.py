@@ -21,6 +21,7 @@ import pytest
 
 from _configs import ROOT, load_config, tiny_config
 from _workdirs import final_arrays
+from resnet_jax import files
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop, workdir as workdir_lib
 from resnet_jax.train.checkpoint import verify_files
@@ -311,12 +312,12 @@ def test_full_disk_is_refused_before_training(cifar_dir, tmp_path, monkeypatch):
 
 def test_disk_estimate_counts_checkpoints_to_come(tmp_path):
     step_bytes = 10 << 20
-    fresh = loop.disk_space_needed(str(tmp_path / "new"), step_bytes, keep=3)
-    assert fresh == 4 * step_bytes + loop._DISK_MARGIN_BYTES
+    fresh = files.disk_space_needed(str(tmp_path / "new"), step_bytes, keep=3)
+    assert fresh == 4 * step_bytes + files.DISK_MARGIN_BYTES
     existing = tmp_path / "old" / "checkpoints" / "8"
     existing.mkdir(parents=True)
     (existing / "data").write_bytes(b"x" * (3 << 20))
-    assert loop.disk_space_needed(str(tmp_path / "old"), step_bytes, keep=3) == fresh - (3 << 20)
+    assert files.disk_space_needed(str(tmp_path / "old"), step_bytes, keep=3) == fresh - (3 << 20)
 
 
 def test_preemption_notice_records_sigterm_and_restores_the_old_handler():

@@ -9,6 +9,7 @@ import pytest
 from _configs import tiny_config
 from _workdirs import final_arrays
 from resnet_jax.data import augment, cifar
+from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, loop
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.config import ConfigError
@@ -67,7 +68,7 @@ def test_padded_eval_batches_count_each_test_image_once(trained, cifar_dir):
     data = cifar.load_cifar10("binary", str(cifar_dir), validation_size=0)
     mean, std = augment.normalization_stats(data.train_images[:2048], config.dataset.normalization)
     images = (data.test_images[:500].astype(np.float64) / 255.0 - mean) / std  # as augment.normalize
-    model = loop.build_model(config, 10)
+    model = config_lib.build_model(config, 10)
     logits = np.asarray(model.apply({"params": items["params"], "batch_stats": items["batch_stats"]},
                                     images.astype(np.float32), train=False), np.float64)
     labels = np.asarray(data.test_labels[:500])

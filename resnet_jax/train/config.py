@@ -301,3 +301,13 @@ def _check_model(flat: Mapping[str, Any]) -> None:
         models.build_model(model_cfg["name"], **{**model_overrides(model_cfg), "conv_impl": "xla"})
     except ValueError as e:
         raise ConfigError(f"config field model ({model_cfg['name']!r}): {e}") from None
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """The config's model with a head for the dataset's classes."""
+    overrides = model_overrides(config.model)
+    if overrides.setdefault("num_classes", num_classes) != num_classes:
+        raise ConfigError(
+            f"config field model.num_classes = {overrides['num_classes']} but the dataset has {num_classes} "
+            "classes; leave it None to follow the dataset")
+    return models.build_model(config.model.name, **overrides)

@@ -22,8 +22,8 @@ from jax.sharding import Mesh
 from resnet_jax import parallel
 from resnet_jax.data import augment, batching, cifar
 from resnet_jax.train.state import TrainState
+from resnet_jax.train.steps import StepFn
 
-StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
 
 
 @flax.struct.dataclass

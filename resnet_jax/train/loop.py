@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import platform
 import signal
 import threading
@@ -38,13 +37,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import models, parallel
+from resnet_jax import files, models, parallel
 from resnet_jax.errors import ResNetJaxError, UserError
 from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
-from resnet_jax.train.metrics import MetricsWriter, Progress, describe_devices, read_metrics
+from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
 from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
 from resnet_jax.train.workdir import prepare_workdir, release_workdir
@@ -54,10 +53,6 @@ log = logging.getLogger(__name__)
 # (path, the new run's initial variables, its model) -> variables read from `path` and
 # matched to those shapes; raises a UserError for a file that does not fit.
 WeightLoader = Callable[[str, Mapping[str, Any], Any], Mapping[str, Any]]
-
-
-# Room for metrics.jsonl, TensorBoard files and orbax's small metadata files.
-_DISK_MARGIN_BYTES = 64 << 20
 
 
 class NonFiniteLossError(ResNetJaxError, RuntimeError):
@@ -178,25 +173,6 @@ def checkpoint_bytes(state: TrainState) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
 
 
-def _bytes_under(path: Path) -> int:
-    total = 0
-    for root, _, names in os.walk(path):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # deleted meanwhile
-                pass
-    return total
-
-
-def disk_space_needed(workdir: str, step_bytes: int, keep: int) -> int:
-    """Free bytes a run needs: `keep` checkpoints plus the one being written before the
-    oldest is deleted, less what earlier checkpoints of a resumed run already occupy."""
-    path = Path(os.path.abspath(os.path.expanduser(workdir))) / "checkpoints"
-    existing = _bytes_under(path) if path.is_dir() else 0
-    return max(0, (keep + 1) * step_bytes - existing) + _DISK_MARGIN_BYTES
-
-
 def _finish_saves_quietly(checkpointer: Checkpointer, error: BaseException) -> None:
     """On the way out of a failed run: completes and verifies the pending save, so the
     last good checkpoint is durable, without hiding the error that ended the run.
@@ -211,16 +187,6 @@ def _finish_saves_quietly(checkpointer: Checkpointer, error: BaseException) -> N
         checkpointer.close()
     except Exception as e:  # the original error matters more; this one is logged
         log.error("while stopping, finishing the last checkpoint failed too: %s", e)
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """The config's model with a head for the dataset's classes."""
-    overrides = config_lib.model_overrides(config.model)
-    if overrides.setdefault("num_classes", num_classes) != num_classes:
-        raise config_lib.ConfigError(
-            f"config field model.num_classes = {overrides['num_classes']} but the dataset has {num_classes} "
-            "classes; leave it None to follow the dataset")
-    return models.build_model(config.model.name, **overrides)
 
 
 class _Run:
@@ -243,7 +209,7 @@ class _Run:
         self.main = parallel.is_main_process()
         self.wall_start = time.time()
 
-        model = build_model(config, self.info.num_classes)
+        model = config_lib.build_model(config, self.info.num_classes)
         tx, self.schedule = build_optimizer(config, self.derived)
         init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         init_state = lambda: create_train_state(model, tx, init_key, self.info.image_shape, self.mesh)  # noqa: E731
@@ -252,7 +218,7 @@ class _Run:
             workdir, config.to_dict(), allow_config_change=config.allow_config_change,
             ignore_keys=set(config_lib.RESUMABLE_CHANGES), override_hint="--config.allow_config_change=True",
             added_defaults=config_lib.defaults(config.dataset.name).to_dict(),
-            min_free_bytes=disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints),
+            min_free_bytes=files.disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints),
             lock=True)
         try:
             self._set_up(config, model, init_state)
@@ -300,7 +266,7 @@ class _Run:
         c, d = self.config, self.derived
         if self.main:
             log.info("%s on %s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; "
-                     "%s", c.model.name, describe_devices(self.mesh.devices.flat), f"{self.num_params:,}",
+                     "%s", c.model.name, parallel.describe_devices(self.mesh.devices.flat), f"{self.num_params:,}",
                      d.total_steps, c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate,
                      f"resuming at step {self.start_step}" if self.start_step else
                      f"starting from the weights of {c.init_from}" if c.init_from else "starting from scratch")

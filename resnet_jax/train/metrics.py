@@ -284,25 +284,6 @@ class MetricsWriter:
             self._tb = None
 
 
-def describe_devices(devices: Any = None) -> str:
-    """What runs where, in words: '1 CPU device (2 cores)', '8 NVIDIA H200 GPUs over 2 processes'."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    devices = list(jax.devices() if devices is None else devices)
-    kinds: dict[str, int] = {}
-    for device in devices:
-        name = "CPU" if device.platform == "cpu" else f"{device.device_kind} {device.platform.upper()}"
-        kinds[name] = kinds.get(name, 0) + 1
-    parts = [f"{count} {name} device{'s' if count > 1 else ''}" if name == "CPU"
-             else f"{count} {name}{'s' if count > 1 else ''}" for name, count in kinds.items()]
-    text = ", ".join(parts)
-    if all(device.platform == "cpu" for device in devices):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        text += f" ({cores} core{'s' if cores != 1 else ''})"
-    processes = len({device.process_index for device in devices})
-    return text + (f" over {processes} processes" if processes > 1 else "")
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)

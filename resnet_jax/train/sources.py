@@ -21,7 +21,6 @@ and what shape its images have, so the config and the model can be checked again
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Any, Callable, Iterator, Protocol
@@ -37,9 +36,8 @@ from resnet_jax.data import batching, cifar
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding
 from resnet_jax.train.state import TrainState
+from resnet_jax.train.steps import EvalFn, StepFn
 
-StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
-EvalFn = Callable[[TrainState, dict], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,22 +127,6 @@ class CifarSource:
         return jax.device_get(self._evaluate(state, self.data, self._eval_idx, self._eval_mask))
 
 
-def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
-                     ) -> Iterator[dict[str, jax.Array]]:
-    """Each process's rows -> global arrays, `size` batches ahead of the consumer.
-
-    The transfers are asynchronous, so while the step runs on batch t the next ones are
-    already on their way to the devices.
-    """
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(parallel.host_local_to_global(batch, mesh))
-        if len(queue) >= size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
 def _flatten_views(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     flat = {k: v for k, v in batch.items() if k != "views"}
     flat.update({f"views_{i}": v for i, v in enumerate(batch["views"])})
@@ -201,7 +183,7 @@ class ImageNetSource:
             process_index=jax.process_index(), process_count=jax.process_count(),
             image_size=d.image_size, transform=d.train_transform, scale_range=tuple(d.scale_range),
             pca_std=d.pca_std, skip_bad_files=d.skip_bad_files)
-        return prefetch_to_mesh(host, self._mesh)
+        return parallel.prefetch_to_mesh(host, self._mesh)
 
     def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         size = self._dataset.image_size
@@ -233,7 +215,7 @@ class ImageNetSource:
             process_index=jax.process_index(), process_count=jax.process_count(),
             image_size=d.image_size, resize_size=d.eval_resize, scales=tuple(d.eval_scales),
             skip_bad_files=d.skip_bad_files)
-        for batch in prefetch_to_mesh((_flatten_views(b) for b in host), self._mesh):
+        for batch in parallel.prefetch_to_mesh((_flatten_views(b) for b in host), self._mesh):
             yield _unflatten_views(batch)
 
     def evaluate(self, state: TrainState) -> dict[str, Any]:

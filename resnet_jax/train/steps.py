@@ -8,6 +8,7 @@ BatchNorm statistics and the loss are reduced over the global batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from resnet_jax.train.state import TrainState
+
+# The two step functions a data source runs (train_step, eval_step below, or partials of them).
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+EvalFn = Callable[[TrainState, dict], dict]
 
 Metrics = dict[str, jax.Array]
 
