@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +256,124 @@ def test_label_smoothing_trains_from_the_command_line(cifar_reference, cifar_dir
     assert len(smoothed) == 4 and all(np.isfinite(smoothed))
     # Same data, same start: the smoothed targets change the loss from the first logged step on.
     assert smoothed[0] != plain[0]
+
+
+# --- Killed at any moment, on both data paths (docs/reliability.md) -----------------------------
+
+@pytest.fixture(scope="module")
+def folder_reference(folder, tmp_path_factory, env) -> Path:
+    """The tiny image-folder run through the command line, never interrupted (12 steps)."""
+    workdir = tmp_path_factory.mktemp("folder_reference") / "run"
+    rc, err = run(imagenet_command(workdir, folder), env)
+    assert rc == 0, err[-3000:]
+    return workdir
+
+
+def _logged(metrics: Path, step: int) -> bool:
+    try:
+        return f'{{"step": {step}, "split": "train"'.encode() in metrics.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def kill_at_seeded_moments(cmd: list[str], env: dict[str, str], workdir: Path, log_steps: list[int],
+                           seed: int, kills: int = 3) -> list[tuple[int, float, int]]:
+    """Runs `cmd` `kills` times, each SIGKILLed a seeded delay (0-0.5 s) after metrics.jsonl
+    first holds the train record of a seeded step. The delay lands the kill anywhere: in a
+    step, a save, an evaluation, start-up (when the step was already logged before the
+    resume) or after the end. -> (step, delay, exit status) of each run."""
+    rng = np.random.default_rng(seed)
+    steps = sorted(int(s) for s in rng.choice(log_steps, size=kills, replace=False))
+    delays = [float(d) for d in rng.uniform(0.0, 0.5, size=kills)]
+    done = []
+    for step, delay in zip(steps, delays):
+        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            deadline = time.monotonic() + TIMEOUT_S
+            try:
+                while proc.poll() is None and not _logged(workdir / "metrics.jsonl", step):
+                    assert time.monotonic() < deadline, f"step {step} not logged within {TIMEOUT_S} s"
+                    time.sleep(0.01)
+                time.sleep(delay)
+            finally:
+                proc.kill()
+                _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (-signal.SIGKILL, 0), err[-3000:]
+        done.append((step, delay, proc.returncode))
+    return done
+
+
+@pytest.mark.parametrize("path", ["cifar", "image_folder"])
+def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(path, request, cifar_dir, tmp_path, env):
+    workdir = tmp_path / "killed"
+    if path == "cifar":
+        reference = request.getfixturevalue("cifar_reference")
+        cmd, log_steps, last = cifar_command(workdir, cifar_dir), [4, 8, 12, 16], 16
+    else:
+        reference = request.getfixturevalue("folder_reference")
+        cmd, log_steps, last = imagenet_command(workdir, request.getfixturevalue("folder")), list(range(2, 13, 2)), 12
+    kills = kill_at_seeded_moments(cmd, env, workdir, log_steps, seed=len(path))
+    assert any(rc == -signal.SIGKILL for *_, rc in kills), kills
+    rc, err = run(cmd, env)
+    assert rc == 0, err[-3000:]
+    assert json.loads((workdir / "results.json").read_text())["steps"] == last
+    assert_same_arrays(reference, workdir, last)
+    records = read_metrics(workdir / "metrics.jsonl")
+    keys = [(r["step"], r["split"]) for r in records]
+    assert len(keys) == len(set(keys)), f"duplicated metrics records: {keys}"
+    assert [r["step"] for r in records if r["split"] == "train"] == log_steps
+
+
+# --- SLURM starts jax.distributed by itself (docs/scaling.md) -------------------------------------
+
+def _free_slurm_port(rng: np.random.Generator) -> int:
+    """A free port of the range jax derives from SLURM_JOB_ID (job id % 4096 + 61440)."""
+    for port in rng.permutation(np.arange(61440, 65536))[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    pytest.fail("no free port in 61440-65535 for the SLURM coordinator")
+
+
+def test_slurm_environment_starts_two_processes_that_train_together(cifar_dir, tmp_path, env):
+    """Two tasks of one SLURM job step on one node (127.0.0.1), 2 CPU devices each, launched
+    with nothing but SLURM's variables: config.distributed.initialize='auto' must start
+    jax.distributed (gloo collectives) and both train the same 4-device run to its end."""
+    port = _free_slurm_port(np.random.default_rng(0))
+    job_id = 7 * 4096 + port - 61440
+    workdir = tmp_path / "run"
+    cmd = cifar_command(workdir, cifar_dir, eval_batch_size=100, schedule__total_steps=8,
+                        schedule__boundaries=(6,), eval_every_steps=8) + ["--verbosity=0"]
+    hints = ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+             "JAX_COORDINATOR_ADDRESS", "JOBSET_NAME")
+    base = {k: v for k, v in env.items() if k not in hints and not k.startswith("SLURM_")}
+    procs = []
+    with open(tmp_path / "stderr.0", "w+") as log0, open(tmp_path / "stderr.1", "w+") as log1:
+        try:
+            for rank, log in enumerate((log0, log1)):
+                slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+                         "SLURM_LOCALID": str(rank), "SLURM_NODELIST": "127.0.0.1",
+                         "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1", "SLURM_STEP_NUM_NODES": "1",
+                         "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2"}
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env={
+                    **base, **slurm, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+            for proc in procs:
+                proc.wait(timeout=TIMEOUT_S)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        errs = []
+        for log in (log0, log1):
+            log.seek(0)
+            errs.append(log.read())
+    for rank, (proc, err) in enumerate(zip(procs, errs)):
+        assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
+        assert f"jax.distributed: process {rank} of 2, 2 local / 4 global devices" in err, err[-3000:]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == 8 and results["hardware"]["devices"] == 4 and results["hardware"]["processes"] == 2
+    assert checkpoint_steps(workdir) == [4, 8]
