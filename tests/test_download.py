@@ -174,7 +174,8 @@ def test_whole_cifar10_download_through_load_cifar(serve, cifar_dir: Path,
     body = _tar_gz(cifar.BATCHES_DIR, {name: (cifar_dir / name).read_bytes()
                                        for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)},
                    level=0)  # stored, not compressed: the same gzip container, seconds faster
-    monkeypatch.setattr(cifar, "CIFAR10_ARCHIVE", serve(cifar.CIFAR10_ARCHIVE, body))
+    served = serve(cifar.CIFAR10_ARCHIVE, body)
+    monkeypatch.setattr(cifar, "CIFAR10", dataclasses.replace(cifar.CIFAR10, archive=served))
     monkeypatch.delenv(cifar.ENV_VAR, raising=False)
     loaded = cifar.load_cifar("cifar10", "binary", verify_checksums=True)
     reference = cifar.load_cifar10("binary", cifar_dir)
@@ -256,7 +257,8 @@ def _cifar100_files(rng: np.random.Generator, count: int) -> tuple[bytes, np.nda
 
 @pytest.fixture
 def tiny_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(cifar, "CIFAR100_COUNTS", {cifar.CIFAR100_TRAIN: 20, cifar.CIFAR100_TEST: 10})
+    small = dataclasses.replace(cifar.CIFAR100, records={cifar.CIFAR100_TRAIN: 20, cifar.CIFAR100_TEST: 10})
+    monkeypatch.setattr(cifar, "CIFAR100", small)
     rng = np.random.default_rng(0)
     train = _cifar100_files(rng, 20)
     test = _cifar100_files(rng, 10)
@@ -296,7 +298,8 @@ def test_cifar100_archive_and_download(tiny_cifar100, serve, server: _Server,
     archive.write_bytes(body)
     from_archive = cifar.load_cifar100("binary", archive)
     np.testing.assert_array_equal(from_archive.train_labels, fine.astype(np.int32))
-    monkeypatch.setattr(cifar, "CIFAR100_ARCHIVE", serve(cifar.CIFAR100_ARCHIVE, body))
+    served = serve(cifar.CIFAR100_ARCHIVE, body)
+    monkeypatch.setattr(cifar, "CIFAR100", dataclasses.replace(cifar.CIFAR100, archive=served))
     monkeypatch.delenv(cifar.CIFAR100_ENV_VAR, raising=False)
     downloaded = cifar.load_cifar("cifar100", "binary")
     assert downloaded.source.startswith(f"binary:{tmp_path / 'cache' / cifar.CIFAR100_DIR}")
@@ -304,12 +307,37 @@ def test_cifar100_archive_and_download(tiny_cifar100, serve, server: _Server,
     assert server.requests == [f"mirror/{cifar.CIFAR100_ARCHIVE_NAME}"]
 
 
+def test_cifar100_download_with_wrong_digest_is_refused(tiny_cifar100, serve, server: _Server,
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CIFAR-100 archive's MD5 and SHA256 are checked as CIFAR-10's are: a bad copy is fetched
+    once more, then refused, and nothing is left in the cache for the reader to find."""
+    _, files, _, _ = tiny_cifar100
+    body = _tar_gz(cifar.CIFAR100_DIR, files)
+    served = serve(cifar.CIFAR100_ARCHIVE, body)
+    monkeypatch.setattr(cifar, "CIFAR100", dataclasses.replace(cifar.CIFAR100, archive=served))
+    monkeypatch.delenv(cifar.CIFAR100_ENV_VAR, raising=False)
+    server.plan[:] = ["corrupt", "corrupt"]  # same length, one byte different
+    with pytest.raises(DataError, match=r"cifar-100-binary\.tar\.gz: md5 [0-9a-f]{32} / sha256 [0-9a-f]{64} "
+                                        r"differ from the published .*twice"):
+        cifar.load_cifar("cifar100", "binary")
+    assert server.requests == [f"mirror/{cifar.CIFAR100_ARCHIVE_NAME}"] * 2
+    assert download.cached(served) is None and not (tmp_path / "cache" / cifar.CIFAR100_DIR).exists()
+    # Our small archive against the official digests (its own size, so only the digests differ).
+    official = dataclasses.replace(cifar.CIFAR100_ARCHIVE, size=len(body))
+    monkeypatch.setattr(cifar, "CIFAR100", dataclasses.replace(cifar.CIFAR100, archive=official))
+    with pytest.raises(DataError, match=r"differ from the published 03b5dce01913d631647c71ecec9e9cb8 / "
+                                        r"58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"):
+        cifar.load_cifar100("binary")
+    assert download.cached(official) is None
+
+
 def test_cifar100_bad_files(tiny_cifar100) -> None:
     directory, files, _, _ = tiny_cifar100
     raw = bytearray(files[cifar.CIFAR100_TRAIN])
     raw[3 * cifar.CIFAR100_RECORD_BYTES + 1] = 100  # record 3's fine label out of range
     (directory / cifar.CIFAR100_TRAIN).write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"train\.bin: record 3 \(0-based\) has fine label byte 100, allowed 0\.\.99"):
+    with pytest.raises(DataError, match=r"train\.bin: record 3 \(0-based, byte offset 9222\) has fine label byte 100, "
+                                        r"allowed 0\.\.99 \(1 such records\)"):
         cifar.load_cifar100("binary", directory)
     (directory / cifar.CIFAR100_TRAIN).write_bytes(bytes(raw[:-7]))
     with pytest.raises(DataError, match=r"not a multiple of the 3074-byte record"):
