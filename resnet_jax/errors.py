@@ -83,3 +83,13 @@ def exit_status(error: BaseException) -> int | None:
     if isinstance(error, OSError):
         return EXIT_USER_ERROR
     return None
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The gist of an error for a one-line message: its first line, at most `limit` characters.
+
+    TensorFlow's and orbax's errors span many lines (op traces, stacks); the type's name
+    stands in for an empty message.
+    """
+    text = str(getattr(error, "message", error)).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

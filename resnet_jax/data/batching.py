@@ -17,7 +17,8 @@ def _check_nonnegative(name: str, value: int) -> None:
         raise ValueError(f"{name}: got {value!r}, want an integer >= 0")
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
+    """ValueError naming `name` unless `value` is an integer >= 1 (batch sizes, counts)."""
     if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: got {value!r}, want an integer >= 1")
 
@@ -30,7 +31,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """
     _check_nonnegative("seed", seed)
     _check_nonnegative("epoch", epoch)
-    _check_positive("n", n)
+    check_positive("n", n)
     return _cached_permutation(int(seed), int(epoch), int(n))
 
 
@@ -52,8 +53,8 @@ def train_indices(seed: int, start_step: int, num_steps: int, batch_size: int, n
     """
     _check_nonnegative("start_step", start_step)
     _check_nonnegative("num_steps", num_steps)
-    _check_positive("batch_size", batch_size)
-    _check_positive("n", n)
+    check_positive("batch_size", batch_size)
+    check_positive("n", n)
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size: got {batch_size}, larger than the {n} examples (one epoch needs a full batch)")
@@ -74,8 +75,8 @@ def eval_batches(n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]
     The last batch is padded with index 0 and mask False so shapes stay static;
     metrics must weight examples by the mask.
     """
-    _check_positive("n", n)
-    _check_positive("batch_size", batch_size)
+    check_positive("n", n)
+    check_positive("batch_size", batch_size)
     batches = []
     for start in range(0, n, batch_size):
         valid = min(batch_size, n - start)
