@@ -83,7 +83,7 @@ from absl import app
 from resnet_jax import errors, main
 from resnet_jax.train.checkpoint import CheckpointError
 
-def failing(config, workdir):
+def failing(config, workdir, **hooks):
     raise {error}
 
 main.train_and_evaluate = failing
@@ -203,7 +203,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130_then_rerun_resumes(cifar_dir, t
     cmd = cli_command(work, cifar_dir, checkpoint_every_steps=16)
     proc = Watched(cmd, env)
     proc.wait_for(_first_train_line(work / "metrics.jsonl"))
-    proc.proc.send_signal(signal.SIGINT)
+    # Frozen while the signal is sent: it lands at the step seen, however fast the machine.
+    for sig in (signal.SIGSTOP, signal.SIGINT, signal.SIGCONT):
+        proc.proc.send_signal(sig)
     rc, err = proc.finish()
     assert rc == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

@@ -209,7 +209,10 @@ def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
         if metrics.is_file() and metrics.read_text().count('"split": "train"') >= 2:
-            procs[1].send_signal(signal.SIGTERM)
+            # Frozen while the signal is sent: it lands where the two steps were seen,
+            # however fast the machine (else the run could end before it is handled).
+            for sig in (signal.SIGSTOP, signal.SIGTERM, signal.SIGCONT):
+                procs[1].send_signal(sig)
             break
         time.sleep(0.01)
     run_ok(procs)

@@ -57,8 +57,9 @@ def run(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | Non
         while_frozen: Callable[[], None] | None = None) -> tuple[int, str]:
     """Runs `cmd`; sends SIGKILL (or SIGTERM) the moment the condition holds. -> (rc, stderr).
 
-    A kill is preceded by SIGSTOP, which freezes the process where it is; `while_frozen`
-    then sees the workdir exactly as the kill leaves it."""
+    Both are preceded by SIGSTOP, which freezes the process where it is: `while_frozen`
+    then sees the workdir exactly as a kill leaves it, and a SIGTERM lands at the step
+    where the condition was seen, however fast the machine."""
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True) as proc:
         deadline = time.monotonic() + timeout
@@ -71,7 +72,11 @@ def run(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | Non
                     proc.kill()
                     break
                 if term_when and term_when():
+                    # Frozen first, so that the run cannot get further between the moment
+                    # the condition held and the signal (on a fast machine it could finish).
+                    proc.send_signal(signal.SIGSTOP)
                     proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGCONT)
                     break
                 time.sleep(0.002)
         _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
