@@ -10,7 +10,6 @@ fields together (schedule lengths, devices, the distributed trio).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +17,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import models
-from resnet_jax.errors import UserError
 from resnet_jax.files import flatten_dict
 from resnet_jax.train import fields
-
-
-class ConfigError(UserError, ValueError):
-    """A config field has a bad type or value; the message names the field."""
+from resnet_jax.train.fields import ConfigError
+from resnet_jax.train.optim import Derived, derive
 
 
 def schema_for(dataset_name: Any) -> dict[str, fields.Check]:
@@ -58,24 +54,6 @@ def _as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str,
     if isinstance(config, ml_collections.ConfigDict):
         return config.to_dict()
     return dict(config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Derived:
-    """Values computed from the config at the actual batch size (linear scaling rule)."""
-
-    learning_rate: float
-    warmup_learning_rate: float
-    total_steps: int
-    boundaries: tuple[int, ...]
-    warmup_steps: int
-    steps_per_epoch: int
-    num_train: int
-    num_eval: int
-
-
-def _scaled(steps: int, batch: int, reference: int) -> int:
-    return int(round(steps * reference / batch))
 
 
 def defaults(dataset_name: str | None = None) -> ml_collections.ConfigDict:
@@ -156,8 +134,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
     num_train, num_eval = _dataset_sizes(flat, sizes)
     if num_train < batch:
         raise ConfigError(f"config field batch_size = {batch} exceeds the {num_train} training images")
-    steps_per_epoch = num_train // batch
-    total, boundaries, warmup = _schedule_steps(flat, batch, steps_per_epoch)
+    derived = derive(flat, batch, num_train, num_eval)
 
     k = flat["steps_per_dispatch"]
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
@@ -175,19 +152,7 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
         raise ConfigError(f"config field distributed.process_id = {dist[2]} must be below "
                           f"distributed.num_processes = {dist[1]}")
 
-    lr_scale = batch / flat["reference_batch_size"]
-    return Derived(
-        learning_rate=flat["optimizer.learning_rate"] * lr_scale,
-        # From the batch actually used, whether the config file or the command line set it.
-        warmup_learning_rate=flat["schedule.warmup_learning_rate"]
-        * (lr_scale if flat["schedule.scale_warmup_learning_rate"] else 1.0),
-        total_steps=total,
-        boundaries=boundaries,
-        warmup_steps=warmup,
-        steps_per_epoch=steps_per_epoch,
-        num_train=num_train,
-        num_eval=num_eval,
-    )
+    return derived
 
 
 def dataset_sizes(config: ml_collections.ConfigDict | Mapping[str, Any]) -> tuple[int, int]:
@@ -214,78 +179,6 @@ def _dataset_sizes(flat: Mapping[str, Any], sizes: tuple[int, int] | None) -> tu
                               f"the {num_eval} evaluation images")
         num_eval = flat["dataset.eval_subset"]
     return num_train, num_eval
-
-
-def _schedule_steps(flat: Mapping[str, Any], batch: int, steps_per_epoch: int) -> tuple[int, tuple[int, ...], int]:
-    """(total steps, boundaries, warm-up steps) at the actual batch size.
-
-    Either in steps at `reference_batch_size`, rescaled by the linear scaling rule (the
-    CIFAR recipe's iterations), or in epochs (ImageNet's), which do not depend on the batch.
-    """
-    # Steps, where given, win: the command line can set a field but not reset one to None.
-    epochs = None if flat["schedule.total_steps"] is not None else flat["schedule.epochs"]
-    if flat["schedule.total_steps"] is None and epochs is None:
-        raise ConfigError("config fields schedule.total_steps and schedule.epochs are both None: set one")
-    if flat["schedule.kind"] == "cosine" and (flat["schedule.boundaries"] or flat["schedule.boundary_epochs"]):
-        raise ConfigError("config field schedule.kind = 'cosine' takes no boundaries: set schedule.boundaries "
-                          "and schedule.boundary_epochs to ()")
-    if epochs is None:
-        if flat["schedule.boundary_epochs"] or flat["schedule.warmup_epochs"]:
-            raise ConfigError("config fields schedule.boundary_epochs / schedule.warmup_epochs are in epochs, "
-                              "but schedule.total_steps is set (and wins over schedule.epochs): use "
-                              "schedule.boundaries / warmup_steps, and set boundary_epochs=() and warmup_epochs=0")
-        return _steps_schedule(flat, batch)
-    if flat["schedule.boundaries"] or flat["schedule.warmup_steps"]:
-        raise ConfigError("config fields schedule.boundaries / schedule.warmup_steps are in steps: with "
-                          "schedule.epochs use schedule.boundary_epochs / schedule.warmup_epochs")
-    bounds = tuple(flat["schedule.boundary_epochs"])
-    if any(b <= 0 or b >= epochs for b in bounds) or list(bounds) != sorted(set(bounds)):
-        raise ConfigError(f"config field schedule.boundary_epochs = {bounds}: must be strictly increasing "
-                          f"epochs in (0, schedule.epochs = {epochs})")
-    if flat["schedule.warmup_epochs"] >= epochs or (bounds and flat["schedule.warmup_epochs"] > bounds[0]):
-        raise ConfigError(f"config field schedule.warmup_epochs = {flat['schedule.warmup_epochs']} must be below "
-                          "schedule.epochs and not pass the first boundary")
-    total = int(round(epochs * steps_per_epoch))
-    boundaries = tuple(int(round(b * steps_per_epoch)) for b in bounds)
-    warmup = int(round(flat["schedule.warmup_epochs"] * steps_per_epoch))
-    if total < 1 or any(b <= 0 or b >= total for b in boundaries) or len(set(boundaries)) != len(boundaries):
-        raise ConfigError(f"config field schedule.epochs = {epochs}: at {steps_per_epoch} steps per epoch "
-                          f"(batch_size {batch}) the schedule is {total} steps with boundaries {boundaries}, "
-                          "too short to hold them; train longer or use a smaller batch_size")
-    return total, boundaries, warmup
-
-
-def _steps_schedule(flat: Mapping[str, Any], batch: int) -> tuple[int, tuple[int, ...], int]:
-    ref = flat["reference_batch_size"]
-    total = _scaled(flat["schedule.total_steps"], batch, ref)
-    if total < 1:
-        raise ConfigError(f"config field schedule.total_steps = {flat['schedule.total_steps']} "
-                          f"at batch_size {batch} rounds to 0 steps")
-    boundaries = tuple(flat["schedule.boundaries"])
-    if any(b <= 0 or b >= flat["schedule.total_steps"] for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
-        raise ConfigError(
-            f"config field schedule.boundaries = {boundaries}: must be strictly increasing steps "
-            f"in (0, schedule.total_steps = {flat['schedule.total_steps']})")
-    if flat["schedule.warmup_steps"] >= flat["schedule.total_steps"]:
-        raise ConfigError(f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must be "
-                          f"below schedule.total_steps = {flat['schedule.total_steps']}")
-    if boundaries and flat["schedule.warmup_steps"] > boundaries[0]:
-        raise ConfigError(f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must not "
-                          f"pass the first boundary {boundaries[0]}")
-    scaled = tuple(_scaled(b, batch, ref) for b in boundaries)
-    if any(b <= 0 or b >= total for b in scaled):
-        # Rounding to 0 would decay the rate from the first step; to `total`, never.
-        raise ConfigError(
-            f"config field schedule.boundaries = {boundaries}: rescaled from reference_batch_size {ref} "
-            f"to batch_size {batch} they become {scaled}, outside (0, {total} steps); use a smaller "
-            "batch_size or more schedule.total_steps")
-    warmup = _scaled(flat["schedule.warmup_steps"], batch, ref)
-    if flat["schedule.warmup_steps"] and not warmup:
-        raise ConfigError(
-            f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} rounds to 0 steps at "
-            f"batch_size {batch} (given at reference_batch_size {ref}): the warm-up would vanish; "
-            "use more warmup_steps, or 0 for none")
-    return total, scaled, warmup
 
 
 def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:

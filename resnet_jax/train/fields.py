@@ -16,6 +16,12 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from resnet_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config field has a bad type or value; the message names the field."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Check:
