@@ -134,6 +134,8 @@ def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(ci
     last_eval = max(i for i, line in enumerate(lines) if json.loads(line)["split"] == "test")
     deleted = json.loads(lines.pop(last_eval))
     assert deleted["step"] == 16
+    # Step 8's evaluation differs: a rerun that reported the last record left would be caught.
+    assert [json.loads(line)["error"] for line in lines if json.loads(line)["split"] == "test"] != [deleted["error"]]
     (workdir / "metrics.jsonl").write_text("".join(lines))
 
     rc, err = run(cifar_command(workdir, cifar_dir), env)
