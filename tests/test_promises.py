@@ -236,6 +236,7 @@ RECIPE_FLAGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPE_VALUES))
 def test_imagenet_recipe_trains_from_the_command_line(recipe, folder, tmp_path, env):
     workdir = tmp_path / "run"
@@ -305,6 +306,7 @@ def kill_at_seeded_moments(cmd: list[str], env: dict[str, str], workdir: Path, l
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["cifar", "image_folder"])
 def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(path, request, cifar_dir, tmp_path, env):
     workdir = tmp_path / "killed"
@@ -340,6 +342,7 @@ def _free_slurm_port(rng: np.random.Generator) -> int:
     pytest.fail("no free port in 61440-65535 for the SLURM coordinator")
 
 
+@pytest.mark.slow
 def test_slurm_environment_starts_two_processes_that_train_together(cifar_dir, tmp_path, env):
     """Two tasks of one SLURM job step on one node (127.0.0.1), 2 CPU devices each, launched
     with nothing but SLURM's variables: config.distributed.initialize='auto' must start
