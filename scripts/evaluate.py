@@ -31,6 +31,7 @@ from resnet_jax.console import configure_logging, parse_flags
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
+from resnet_jax.train.plan import make_plan
 from resnet_jax.train.state import TrainState
 from resnet_jax.files import atomic_write_json
 
@@ -63,13 +64,9 @@ def model_name() -> str:
 
 
 def evaluate(config, path: str) -> dict:
-    config_lib.check_fields(config)
     mesh = parallel.make_mesh()
-    if config.eval_batch_size % mesh.devices.size:
-        raise config_lib.ConfigError(f"config field eval_batch_size = {config.eval_batch_size} does not divide "
-                                     f"by the {mesh.devices.size} devices")
-    info = sources.describe(config, splits=("eval",))  # the training data need not be there
-    model = config_lib.build_model(config, info.num_classes)
+    plan = make_plan(config, mesh.devices.size, train=False)  # the training data need not be there
+    info, model = plan.info, plan.model
     try:
         variables, _ = weights.load_variables(path)
     except weights.ConversionError as e:

@@ -111,14 +111,14 @@ def check_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[
 
 
 def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices: int = 1,
-             sizes: tuple[int, int] | None = None) -> Derived:
+             sizes: tuple[int, int] | None = None, checked: Mapping[str, Any] | None = None) -> Derived:
     """Checks every field; returns the derived values or raises ConfigError.
 
     `sizes`: (train, eval) example counts of the data actually found. CIFAR's are known
     from the config; ImageNet's default to the full ILSVRC-2012 splits, and an image
     folder's must be given (the trainer counts its files first).
     """
-    flat = check_fields(config)
+    flat = dict(checked) if checked is not None else check_fields(config)
     batch = flat["batch_size"]
     for field in ("batch_size", "eval_batch_size"):
         if flat[field] % num_devices:

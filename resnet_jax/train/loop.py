@@ -45,6 +45,7 @@ from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
 from resnet_jax.train.optim import build_optimizer
+from resnet_jax.train.plan import make_plan
 from resnet_jax.train.state import TrainState, abstract_items, create_train_state
 from resnet_jax.train.workdir import prepare_workdir, release_workdir
 
@@ -193,7 +194,7 @@ class _Run:
     """One training run's set-up and the per-chunk work; `train_and_evaluate` drives it."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, load_weights: WeightLoader | None):
-        config_lib.check_fields(config)  # every field, before jax.distributed or any device work
+        checked = config_lib.check_fields(config)  # every field, before jax.distributed or any device work
         if config.init_from and load_weights is None:
             raise config_lib.ConfigError(
                 f"config field init_from = {config.init_from!r}: this caller of train_and_evaluate gave no "
@@ -202,14 +203,12 @@ class _Run:
         self.load_weights = load_weights
         parallel.initialize(config.distributed)
         self.mesh = parallel.make_mesh()
-        self.info = sources.describe(config)
-        self.derived = config_lib.validate(config, num_devices=self.mesh.devices.size,
-                                           sizes=(self.info.num_train, self.info.num_eval))
-        self.config = config
+        self.plan = make_plan(config, self.mesh.devices.size, checked=checked)
+        self.info, self.derived, self.config = self.plan.info, self.plan.derived, config
         self.main = parallel.is_main_process()
         self.wall_start = time.time()
 
-        model = config_lib.build_model(config, self.info.num_classes)
+        model = self.plan.model
         tx, self.schedule = build_optimizer(config, self.derived)
         init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         init_state = lambda: create_train_state(model, tx, init_key, self.info.image_shape, self.mesh)  # noqa: E731
