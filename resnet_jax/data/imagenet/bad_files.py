@@ -97,4 +97,3 @@ def _stack(values):
     if isinstance(values[0], tuple):
         return tuple(np.stack(group) for group in zip(*values))
     return np.stack(values)
-

@@ -180,4 +180,3 @@ def _tfds_eval(it, spec, *, views, b, process_index, process_count, skip_bad_fil
                          f"failed to decode: {first_line(err)}; pass skip_bad_files=True to skip and count such records")
 
     yield from _run_eval(it, tf, ds, b, num_batches, names, skip_bad_files, on_error)
-

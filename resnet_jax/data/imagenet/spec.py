@@ -180,17 +180,18 @@ def check(spec: ImageNetSpec, splits: Sequence[str] = ("train", "eval")) -> None
         num_examples(spec, split)
 
 
+# ---------------------------------------------------------------------------- shared by the pipelines
+
 def _check_process(process_index, process_count):
     check_positive("process_count", process_count)
     if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
         raise ValueError(f"process_index: got {process_index!r}, want 0 <= index < process_count={process_count}")
 
 
-
 def _options(tf, threads):
+    # Deterministic: the same elements in the same order whatever the thread timing (exact resume).
     options = tf.data.Options()
     options.deterministic = True
     if threads:
         options.threading.private_threadpool_size = int(threads)
     return options
-

@@ -69,6 +69,17 @@ def train_batches(spec: ImageNetSpec, *, seed: int, start_step: int, global_batc
     return BatchIterator(lambda it: _tfds_train(it, spec, **args))
 
 
+def _skipping_bad_rows(it, tf, ds, plan, per, threads):
+    """Skip mode of both training sources: `ds` (elements with 'pos') loses its failed decodes,
+    and each missing row becomes a good row of the same batch (`_assemble`, `_substitute`)."""
+    ds = ds.ignore_errors().prefetch(2 * per).with_options(_options(tf, threads))
+
+    def on_bad(name):
+        it._skipped(name)  # returns None: the row is filled by `_substitute`
+
+    return _assemble(ds.as_numpy_iterator(), plan, lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
+
+
 def _step_plan(seed, step, global_batch, n, per, process_index, chunk):
     """(indices [chunk, per], positions [chunk, per]) of this process for steps step.. ."""
     rows = slice(process_index * per, (process_index + 1) * per)
@@ -109,19 +120,12 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_bad_files:
-        ds = ds.ignore_errors().prefetch(2 * per).with_options(_options(tf, threads))
-
         def plan():
             for _, indices, positions in plan_chunks():
                 for idx, pos in zip(indices, positions):
                     yield pos, [paths[i] for i in idx]
 
-        def on_bad(name):
-            it._skipped(name)
-            return None  # replaced by a good row of the same batch (_substitute)
-
-        yield from _assemble(ds.as_numpy_iterator(), plan(),
-                             lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
+        yield from _skipping_bad_rows(it, tf, ds, plan(), per, threads)
         return
     ds = ds.batch(per, drop_remainder=True).map(lambda b: {"image": b["image"], "label": b["label"]})
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf, threads))
@@ -181,19 +185,12 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
         ds = tf.data.Dataset.zip(ds, offsets).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         steps = range(first, (epoch + 1) * steps_per_epoch)
         if skip_bad_files:
-            ds = ds.ignore_errors().prefetch(2 * per).with_options(_options(tf, threads))
-
-            def plan():
+            def plan(steps=steps):
                 for step in steps:
                     pos = step * global_batch + process_index * per + np.arange(per)
                     yield pos, [f"{spec.tfds_name}/{split} record at step {step}, row {r}" for r in range(per)]
 
-            def on_bad(name):
-                it._skipped(name)
-                return None  # replaced by a good row of the same batch (_substitute)
-
-            yield from _assemble(ds.as_numpy_iterator(), plan(),
-                                 lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
+            yield from _skipping_bad_rows(it, tf, ds, plan(), per, threads)
         else:
             ds = ds.batch(per, drop_remainder=True).map(lambda b: {"image": b["image"], "label": b["label"]})
             iterator = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf, threads)).as_numpy_iterator()
@@ -206,5 +203,3 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
                                     "skip_bad_files=True to skip and count such records") from None
                 yield batch
         epoch, position = epoch + 1, 0
-
-
