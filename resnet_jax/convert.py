@@ -8,8 +8,8 @@ a checkpoint directory DST (orbax, the trainer's layout, with ``pretrained.json`
 model name, overrides and the source file's name and sha256); a converted checkpoint or a
 training workdir is exported to the weight file DST, which torchvision/timm load with
 ``strict=True``. ``--arch`` (resnet18/34/50/101/152, or timm:resnet26 ...) is detected from
-the file's keys when left out. Files are read with ``torch.load(weights_only=True)``, which
-refuses pickles that carry code. Needs torch (``pip install torch torchvision``) for .pth.
+the file's keys when left out. .pth files are read without torch by a restricted unpickler
+(``resnet_jax.interop.pth``) that refuses pickles that carry code; writing a .pth needs torch.
 Exit status: 0 done; 2 the input does not fit (the message names the first key/file).
 """
 

@@ -1,8 +1,9 @@
 """Pretrained weights in and out: torchvision / timm ResNets <-> this project's variables.
 
 * :mod:`~resnet_jax.interop.layout`: the key-by-key mapping (numpy only, no torch);
+* :mod:`~resnet_jax.interop.pth`: reading ``.pth`` files without torch (restricted unpickler);
 * :mod:`~resnet_jax.interop.torch_files`: safe reading/writing of ``.pth`` and
-  ``.safetensors`` (the only module that imports torch, lazily);
+  ``.safetensors`` (the only module that imports torch, lazily, to write ``.pth``);
 * :mod:`~resnet_jax.interop.weights`: converted checkpoints on disk, ``pretrained()``,
   ``init_variables_from()`` for fine-tuning;
 * :mod:`~resnet_jax.interop.nnx`: a Flax NNX wrapper.
