@@ -149,7 +149,7 @@ def test_bad_depth_is_named():
 
 
 def test_shortening_keeps_the_recipe_shape():
-    config = experiments.load_config_file(experiments._REPO_CONFIG, "resnet110")
+    config = experiments.load_config_file(experiments._PACKAGED_CONFIG, "resnet110")
     degradation.Shortening(steps=640, batch=64).apply(config)
     assert config.schedule.total_steps == 640
     assert tuple(config.schedule.boundaries) == (320, 480)
