@@ -56,7 +56,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 from resnet_jax.files import atomic_write_json, fsync_dir, to_json_compatible
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,6 @@ def verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> list
     return problems
 
 
-def _first_line(error: BaseException, limit: int = 800) -> str:
-    """Orbax/tensorstore errors span many lines; a warning needs the gist."""
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else repr(error))[:limit]
-
-
 def _abstract_leaf(leaf: Any) -> Any:
     # Orbax treats numpy scalars as unsupported Python values; as 0-d arrays they restore.
     if isinstance(leaf, np.generic):
@@ -217,10 +211,10 @@ class Checkpointer:
         try:
             self._manager.close()
         except Exception as late:  # the same failure, reported again
-            log.info("checkpoint step %d: orbax also reported: %s", step, _first_line(late))
+            log.info("checkpoint step %d: orbax also reported: %s", step, first_line(late, 800))
         self._manager = self._new_manager(cleanup_tmp=False)
         return CheckpointError(
-            f"saving checkpoint step {step} to {self.directory} failed: {_first_line(error)}; "
+            f"saving checkpoint step {step} to {self.directory} failed: {first_line(error, 800)}; "
             "earlier checkpoints are intact"
         )
 
@@ -406,7 +400,7 @@ class Checkpointer:
             try:
                 state, metadata = self._restore_step(step, abstract)
             except Exception as e:  # any reader error means: try the previous step
-                why = f"orbax could not restore it: {type(e).__name__}: {_first_line(e)}"
+                why = f"orbax could not restore it: {type(e).__name__}: {first_line(e, 800)}"
                 self._warn(f"checkpoint step {step} in {self.directory}: {why}; trying an older step")
                 failures[step] = why
                 continue
@@ -462,7 +456,7 @@ def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], int]:
         items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     except Exception as e:  # orbax/tensorstore error types vary
         raise CheckpointError(f"cannot restore checkpoint step {step} under {root}: "
-                              f"{type(e).__name__}: {_first_line(e)}") from None
+                              f"{type(e).__name__}: {first_line(e, 800)}") from None
     finally:
         manager.close()
     return jax.tree.map(np.asarray, items), step
