@@ -66,8 +66,14 @@ def _override_message(error: BaseException, argv: list[str]) -> str:
     if key is None:
         return "; ".join(lines) or type(error).__name__
     name = key.group(1)
-    culprit = next((a for a in argv if a.startswith("--") and "." in a.split("=")[0]
-                    and name in a.split("=")[0].split(".")), None)
+    culprit = next(
+        (
+            a
+            for a in argv
+            if a.startswith("--") and "." in a.split("=")[0] and name in a.split("=")[0].split(".")
+        ),
+        None,
+    )
     hints = [line[0].lower() + line[1:] for line in lines[1:]]
     return "; ".join([f"{culprit or 'a --config. override'}: no such config field {name!r}", *hints])
 
@@ -104,5 +110,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if type(holder).__name__ == "_ConfigFlag" and holder.present:
             why = _load_failure(holder.value)
             if why is not None:
-                usage_error(f"--{name} {getattr(holder, 'config_filename', '')}: the config file does not load: {why}")
+                usage_error(
+                    f"--{name} {getattr(holder, 'config_filename', '')}: the config file does not load: {why}"
+                )
     return rest

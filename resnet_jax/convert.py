@@ -23,36 +23,44 @@ from resnet_jax.interop.layout import ConversionError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m resnet_jax.convert',
-                                     description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('src', help='weight file (.pth/.safetensors) or checkpoint dir / workdir')
-    parser.add_argument('dst', help='checkpoint directory to create, or weight file to write')
-    parser.add_argument('--arch', default=None,
-                        help=f'architecture; default: detected. One of: {", ".join(layout.SUPPORTED)}')
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_jax.convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="weight file (.pth/.safetensors) or checkpoint dir / workdir")
+    parser.add_argument("dst", help="checkpoint directory to create, or weight file to write")
+    parser.add_argument(
+        "--arch", default=None, help=f"architecture; default: detected. One of: {', '.join(layout.SUPPORTED)}"
+    )
     args = parser.parse_args(argv)
     from resnet_jax.interop import weights as pt
+
     try:
         if pt.is_weight_file(args.src):
             if pt.is_weight_file(args.dst):
-                raise ConversionError(f'DST {args.dst} is a weight file; converting a weight '
-                                      'file needs a directory as DST')
+                raise ConversionError(
+                    f"DST {args.dst} is a weight file; converting a weight file needs a directory as DST"
+                )
             model, variables, record = pt.convert_file(args.src, args.arch)
             dst = pt.save_converted(args.dst, variables, record)
-            print(f'{args.src} ({record["arch"]}, {model.num_classes} classes) -> {dst}')
+            print(f"{args.src} ({record['arch']}, {model.num_classes} classes) -> {dst}")
         else:
             if not pt.is_weight_file(args.dst):
-                raise ConversionError(f'DST {args.dst} must end in one of {pt.WEIGHT_SUFFIXES} '
-                                      'when SRC is a checkpoint directory')
+                raise ConversionError(
+                    f"DST {args.dst} must end in one of {pt.WEIGHT_SUFFIXES} "
+                    "when SRC is a checkpoint directory"
+                )
             state_dict, arch = pt.export_state_dict(args.src, args.arch)
             from resnet_jax.interop.torch_files import save_state_dict
+
             save_state_dict(state_dict, args.dst)
-            print(f'{args.src} ({arch}) -> {args.dst}')
+            print(f"{args.src} ({arch}) -> {args.dst}")
     except ConversionError as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

@@ -44,16 +44,41 @@ class TransientError(ResNetJaxError):
 # OSErrors that say the network or a remote peer failed, not the local disk or a path the
 # user gave (those stay user errors: ENOSPC, EROFS, EACCES, ENOENT, ...). ESTALE: an NFS
 # handle the server dropped; EIO: a device or network filesystem that failed under us.
-_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH", "EHOSTDOWN", "ENETUNREACH",
-    "ENETDOWN", "ENETRESET", "EPIPE", "ESTALE", "EIO", "EAGAIN", "ENOLINK", "ECOMM", "EREMOTEIO")
-    if hasattr(errno, name))
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EPIPE",
+        "ESTALE",
+        "EIO",
+        "EAGAIN",
+        "ENOLINK",
+        "ECOMM",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
 
 # Status codes (absl / gRPC) at the start of a jaxlib runtime error that mean a collective,
 # the coordination service or a peer failed, not the program: the run can be retried.
 _TRANSIENT_RUNTIME_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
-_TRANSIENT_RUNTIME_WORDS = ("gloo", "coordination service", "heartbeat", "connection reset", "connection closed",
-                            "broken pipe", "socket closed")
+_TRANSIENT_RUNTIME_WORDS = (
+    "gloo",
+    "coordination service",
+    "heartbeat",
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "socket closed",
+)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -68,8 +93,9 @@ def is_transient(error: BaseException) -> bool:
         return error.errno in _TRANSIENT_ERRNOS
     if type(error).__name__ in ("XlaRuntimeError", "JaxRuntimeError"):  # jaxlib's, without importing it
         text = str(error)
-        return (text.startswith(_TRANSIENT_RUNTIME_CODES)
-                or any(word in text.lower() for word in _TRANSIENT_RUNTIME_WORDS))
+        return text.startswith(_TRANSIENT_RUNTIME_CODES) or any(
+            word in text.lower() for word in _TRANSIENT_RUNTIME_WORDS
+        )
     return False
 
 

@@ -18,26 +18,30 @@ import argparse
 import importlib.util
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 # The recipe ships with the package, so a non-editable install finds it too.
-_PACKAGED_CONFIG = Path(__file__).resolve().parent / 'configs' / 'cifar10.py'
+_PACKAGED_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.py"
 
 
 def load_config_file(path: str | Path, arg: str):
     """``get_config(arg)`` of a config file, as ``--config path:arg`` of resnet_jax.main reads it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py '
-                                f'in the repository, {_PACKAGED_CONFIG} in the installed package)')
+        raise FileNotFoundError(
+            f"--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py "
+            f"in the repository, {_PACKAGED_CONFIG} in the installed package)"
+        )
     from resnet_jax.errors import UserError
-    spec = importlib.util.spec_from_file_location(f'_experiment_config_{path.stem}', path)
+
+    spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001  whatever the user's file raises, its message says it
-        raise UserError(f'--config {path}: the config file does not load: {type(e).__name__}: {e}') from None
+        raise UserError(f"--config {path}: the config file does not load: {type(e).__name__}: {e}") from None
     return module.get_config(arg)
 
 
@@ -47,24 +51,28 @@ def _set_field(config: Any, dotted: str, text: str) -> None:
 
     from resnet_jax.summary import parse_value
     from resnet_jax.train.config import ConfigError
+
     node = config
-    keys = dotted.split('.')
+    keys = dotted.split(".")
     for i, key in enumerate(keys):
-        fields = list(node.keys()) if hasattr(node, 'keys') else []
+        fields = list(node.keys()) if hasattr(node, "keys") else []
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            raise ConfigError(f"--set {dotted}={text}: no such config field {'.'.join(keys[:i + 1])!r}"
-                              + (f'; did you mean {close[0]!r}?' if close else ''))
+            raise ConfigError(
+                f"--set {dotted}={text}: no such config field {'.'.join(keys[: i + 1])!r}"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+            )
         if i < len(keys) - 1:
             node = node[key]
     try:
         node[keys[-1]] = parse_value(text)
     except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
-        raise ConfigError(f'--set {dotted}={text}: {e}') from None
+        raise ConfigError(f"--set {dotted}={text}: {e}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
     from resnet_jax.files import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)
 
@@ -74,7 +82,9 @@ def _degradation(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import plots
 
     names = deg.net_names(args.depths, args.families)
-    shortening = deg.Shortening(args.steps, args.batch, args.eval_every, args.log_every) if args.steps else None
+    shortening = (
+        deg.Shortening(args.steps, args.batch, args.eval_every, args.log_every) if args.steps else None
+    )
 
     def make_config(name: str):
         config = load_config_file(args.config, name)
@@ -82,21 +92,24 @@ def _degradation(args: argparse.Namespace) -> int:
             shortening.apply(config)
         else:
             if args.batch != 128:
-                config = load_config_file(args.config, f'{name},batch={args.batch}')
+                config = load_config_file(args.config, f"{name},batch={args.batch}")
             deg.full_schedule_cadence(config)
             if args.eval_every or args.log_every:
-                deg.set_cadence(config, args.log_every or config.log_every_steps,
-                                args.eval_every or config.eval_every_steps,
-                                args.eval_every or config.checkpoint_every_steps)
+                deg.set_cadence(
+                    config,
+                    args.log_every or config.log_every_steps,
+                    args.eval_every or config.eval_every_steps,
+                    args.eval_every or config.checkpoint_every_steps,
+                )
         config.seed = args.seed
         config.tensorboard = False
         config.dataset.train_subset = args.train_subset
         config.dataset.eval_subset = args.eval_subset
         if args.data_dir:
             config.dataset.data_dir = args.data_dir
-            config.dataset.source = 'binary'
+            config.dataset.source = "binary"
         for item in args.set:
-            field, _, value = item.partition('=')
+            field, _, value = item.partition("=")
             _set_field(config, field, value)
         return config
 
@@ -104,18 +117,22 @@ def _degradation(args: argparse.Namespace) -> int:
         for name in names:  # every --config/--set mistake before the first net trains
             make_config(name)
         trained = deg.run_sweep(names, args.workdir, make_config)
-        logging.info('trained %s', trained or 'nothing (every net was done)')
+        logging.info("trained %s", trained or "nothing (every net was done)")
     data = deg.collect(names, args.workdir)
-    data['command'] = ' '.join(['python -m resnet_jax.experiments'] + sys.argv[1:]) if args.record_command else None
+    data["command"] = (
+        " ".join(["python -m resnet_jax.experiments"] + sys.argv[1:]) if args.record_command else None
+    )
     out = Path(args.out)
-    _write_json(out / 'degradation.json', data)
-    (out / 'degradation.md').write_text(deg.markdown_table(data))
-    title = (f'CIFAR-10, {args.steps} steps of batch {args.batch}' if args.steps else 'CIFAR-10, paper schedule')
+    _write_json(out / "degradation.json", data)
+    (out / "degradation.md").write_text(deg.markdown_table(data))
+    title = (
+        f"CIFAR-10, {args.steps} steps of batch {args.batch}" if args.steps else "CIFAR-10, paper schedule"
+    )
     if args.train_subset:
-        title += f', {args.train_subset} training images'
-    plots.degradation(data, out / 'degradation.png', families=args.families, title=title)
-    if 'plain20' in data['runs'] and 'plain56' in data['runs']:
-        plots.degradation_fig1(data, out / 'degradation_fig1.png', title=title)
+        title += f", {args.train_subset} training images"
+    plots.degradation(data, out / "degradation.png", families=args.families, title=title)
+    if "plain20" in data["runs"] and "plain56" in data["runs"]:
+        plots.degradation_fig1(data, out / "degradation_fig1.png", title=title)
     print(deg.markdown_table(data))
     return 0
 
@@ -125,54 +142,72 @@ def _trained_nets(workdirs: Sequence[str]) -> list[Path]:
     found = []
     for w in workdirs:
         w = Path(w)
-        if (w / 'config.json').is_file():
+        if (w / "config.json").is_file():
             found.append(w)
         else:
-            found.extend(sorted(p.parent for p in w.glob('*/config.json')))
+            found.extend(sorted(p.parent for p in w.glob("*/config.json")))
     if not found:
-        raise FileNotFoundError(f'no training workdir (a folder with config.json) in {list(workdirs)}')
+        raise FileNotFoundError(f"no training workdir (a folder with config.json) in {list(workdirs)}")
     return found
 
 
 def _net_label(config: dict) -> tuple[str, str, int]:
     """('ResNet-20', 'resnet', 20) from a workdir's config."""
     import re
-    name = config['model']['name']
-    m = re.fullmatch(r'cifar_(plain|resnet)(\d+)', name)
+
+    name = config["model"]["name"]
+    m = re.fullmatch(r"cifar_(plain|resnet)(\d+)", name)
     if not m:
-        return name, 'other', 0
+        return name, "other", 0
     family, depth = m.group(1), int(m.group(2))
-    zero = config['model'].get('zero_init_last')
-    return f"{'plain' if family == 'plain' else 'ResNet'}-{depth}" + (' zero-init' if zero else ''), family, depth
+    zero = config["model"].get("zero_init_last")
+    return (
+        f"{'plain' if family == 'plain' else 'ResNet'}-{depth}" + (" zero-init" if zero else ""),
+        family,
+        depth,
+    )
 
 
 def _layer_responses(args: argparse.Namespace) -> int:
     from resnet_jax import models
     from resnet_jax.analysis import plots, probes, responses
 
-    images, _ = probes.cifar_batch(args.data_dir, 'test', args.images)
+    images, _ = probes.cifar_batch(args.data_dir, "test", args.images)
     nets = {}
     sources = []
     for w in _trained_nets(args.workdirs) if args.workdirs else []:
         config, model, variables, step = probes.load_workdir(w)
         label, family, depth = _net_label(config)
-        sources.append((f'{label} (step {step})', family, depth, model, variables, step, w.name))
+        sources.append((f"{label} (step {step})", family, depth, model, variables, step, w.name))
     for name in args.init:
         model = models.build_model(name)
-        label = name.replace('cifar_', '')
-        sources.append((f'{label} (init)', 'plain' if 'plain' in name else 'resnet', 0, model,
-                        probes.init_variables(model, args.seed), 0, None))
+        label = name.replace("cifar_", "")
+        sources.append(
+            (
+                f"{label} (init)",
+                "plain" if "plain" in name else "resnet",
+                0,
+                model,
+                probes.init_variables(model, args.seed),
+                0,
+                None,
+            )
+        )
     for label, family, depth, model, variables, step, workdir in sources:
         layers = responses.layer_responses(model, variables, images, batch_size=args.batch)
-        nets[label] = {'family': family, 'depth': depth, 'step': step, 'workdir': workdir, 'layers': layers}
-        logging.info('%s: %d layers, mean std %.3f', label, len(layers),
-                     responses.summary_row(layers)['mean_std'])
-    data = {'nets': nets, 'images': args.images, 'split': 'test', 'mode': 'eval (BN running statistics)'}
+        nets[label] = {"family": family, "depth": depth, "step": step, "workdir": workdir, "layers": layers}
+        logging.info(
+            "%s: %d layers, mean std %.3f", label, len(layers), responses.summary_row(layers)["mean_std"]
+        )
+    data = {"nets": nets, "images": args.images, "split": "test", "mode": "eval (BN running statistics)"}
     out = Path(args.out)
-    _write_json(out / 'layer_responses.json', data)
-    (out / 'layer_responses.md').write_text(responses.markdown_table(data))
-    plots.layer_responses(data, out / 'layer_responses.png',
-                          title=f'std of 3x3 layer responses on {args.images} CIFAR-10 test images')
+    _write_json(out / "layer_responses.json", data)
+    (out / "layer_responses.md").write_text(responses.markdown_table(data))
+    plots.layer_responses(
+        data,
+        out / "layer_responses.png",
+        title=f"std of 3x3 layer responses on {args.images} CIFAR-10 test images",
+    )
     print(responses.markdown_table(data))
     return 0
 
@@ -181,22 +216,32 @@ def _gradient_flow(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import gradient_flow as gf
     from resnet_jax.analysis import plots, probes
 
-    images, labels = probes.cifar_batch(args.data_dir, 'train', args.images)
+    images, labels = probes.cifar_batch(args.data_dir, "train", args.images)
     data = gf.sweep_at_init(args.depths, args.variants, images, labels, seed=args.seed)
     for w in _trained_nets(args.workdirs) if args.workdirs else []:
         config, model, variables, step = probes.load_workdir(w)
         label, family, depth = _net_label(config)
         result = gf.gradient_norms(model, variables, images, labels)
-        variant = 'plain' if family == 'plain' else (
-            'resnet_zero_init' if config['model'].get('zero_init_last') else 'resnet')
-        data['nets'][f'{label} (step {step})'] = {'model': config['model']['name'], 'depth': depth,
-                                                  'variant': variant, 'checkpoint': w.name, **result}
+        variant = (
+            "plain"
+            if family == "plain"
+            else ("resnet_zero_init" if config["model"].get("zero_init_last") else "resnet")
+        )
+        data["nets"][f"{label} (step {step})"] = {
+            "model": config["model"]["name"],
+            "depth": depth,
+            "variant": variant,
+            "checkpoint": w.name,
+            **result,
+        }
     out = Path(args.out)
-    _write_json(out / 'gradient_flow.json', data)
-    (out / 'gradient_flow.md').write_text(gf.markdown_table(data))
-    plots.gradient_flow(data, out / 'gradient_flow.png',
-                        title=f'dL/dx at block inputs, batch of {args.images} CIFAR-10 training images, '
-                              f'BN in training mode')
+    _write_json(out / "gradient_flow.json", data)
+    (out / "gradient_flow.md").write_text(gf.markdown_table(data))
+    plots.gradient_flow(
+        data,
+        out / "gradient_flow.png",
+        title=f"dL/dx at block inputs, batch of {args.images} CIFAR-10 training images, BN in training mode",
+    )
     print(gf.markdown_table(data))
     return 0
 
@@ -206,90 +251,114 @@ def _table1(args: argparse.Namespace) -> int:
 
     data = table1.table1(args.nets)
     out = Path(args.out)
-    _write_json(out / 'table1.json', data)
-    (out / 'table1.md').write_text(table1.markdown_table(data))
+    _write_json(out / "table1.json", data)
+    (out / "table1.md").write_text(table1.markdown_table(data))
     print(table1.markdown_table(data))
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m resnet_jax.experiments', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='command', required=True)
+    p = argparse.ArgumentParser(
+        prog="python -m resnet_jax.experiments",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser('degradation', help='train plain and residual CIFAR nets; Fig. 1, Fig. 6, Table 6')
-    d.add_argument('--depths', type=int, nargs='+', default=[20, 32, 44, 56])
-    d.add_argument('--families', nargs='+', default=['plain', 'resnet'], choices=['plain', 'resnet'])
-    d.add_argument('--workdir', default='runs/degradation', help='one workdir per net under this folder')
-    d.add_argument('--out', default=None, help='where the PNG, JSON and markdown go (default: --workdir)')
-    d.add_argument('--config', default=str(_PACKAGED_CONFIG),
-                   help="the CIFAR config file (get_config(name)); default: the package's CIFAR-10 recipe")
-    d.add_argument('--steps', type=int, default=None,
-                   help="compress the paper's 64k-step schedule to this many steps (small machines)")
-    d.add_argument('--batch', type=int, default=128, help='batch size (lr by the linear scaling rule)')
-    d.add_argument('--eval-every', type=int, default=None, help='steps between test evaluations')
-    d.add_argument('--log-every', type=int, default=None, help='steps between training-error records')
-    d.add_argument('--train-subset', type=int, default=0, help='train on the first k images only (0: all)')
-    d.add_argument('--eval-subset', type=int, default=0, help='evaluate on the first k test images (0: all)')
-    d.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
-    d.add_argument('--seed', type=int, default=0)
-    d.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                   help='any other config field, e.g. --set model.dtype=bfloat16')
-    d.add_argument('--plot-only', action='store_true', help='redraw from the workdirs without training')
-    d.add_argument('--no-record-command', dest='record_command', action='store_false',
-                   help=argparse.SUPPRESS)
+    d = sub.add_parser("degradation", help="train plain and residual CIFAR nets; Fig. 1, Fig. 6, Table 6")
+    d.add_argument("--depths", type=int, nargs="+", default=[20, 32, 44, 56])
+    d.add_argument("--families", nargs="+", default=["plain", "resnet"], choices=["plain", "resnet"])
+    d.add_argument("--workdir", default="runs/degradation", help="one workdir per net under this folder")
+    d.add_argument("--out", default=None, help="where the PNG, JSON and markdown go (default: --workdir)")
+    d.add_argument(
+        "--config",
+        default=str(_PACKAGED_CONFIG),
+        help="the CIFAR config file (get_config(name)); default: the package's CIFAR-10 recipe",
+    )
+    d.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="compress the paper's 64k-step schedule to this many steps (small machines)",
+    )
+    d.add_argument("--batch", type=int, default=128, help="batch size (lr by the linear scaling rule)")
+    d.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations")
+    d.add_argument("--log-every", type=int, default=None, help="steps between training-error records")
+    d.add_argument("--train-subset", type=int, default=0, help="train on the first k images only (0: all)")
+    d.add_argument("--eval-subset", type=int, default=0, help="evaluate on the first k test images (0: all)")
+    d.add_argument("--data-dir", default=None, help="CIFAR-10 binary files (else $CIFAR10_DIR or tfds)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other config field, e.g. --set model.dtype=bfloat16",
+    )
+    d.add_argument("--plot-only", action="store_true", help="redraw from the workdirs without training")
+    d.add_argument("--no-record-command", dest="record_command", action="store_false", help=argparse.SUPPRESS)
     d.set_defaults(func=_degradation)
 
-    r = sub.add_parser('layer-responses', help='std of every 3x3 layer response (Fig. 7)')
-    r.add_argument('--workdirs', nargs='*', default=[],
-                   help='training workdirs, or a sweep root holding them (newest checkpoint of each)')
-    r.add_argument('--init', nargs='*', default=[], help='also these model names at initialisation')
-    r.add_argument('--images', type=int, default=10_000, help='how many test images')
-    r.add_argument('--batch', type=int, default=500)
-    r.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
-    r.add_argument('--seed', type=int, default=0, help='initialisation seed for --init')
-    r.add_argument('--out', default='runs/analysis')
+    r = sub.add_parser("layer-responses", help="std of every 3x3 layer response (Fig. 7)")
+    r.add_argument(
+        "--workdirs",
+        nargs="*",
+        default=[],
+        help="training workdirs, or a sweep root holding them (newest checkpoint of each)",
+    )
+    r.add_argument("--init", nargs="*", default=[], help="also these model names at initialisation")
+    r.add_argument("--images", type=int, default=10_000, help="how many test images")
+    r.add_argument("--batch", type=int, default=500)
+    r.add_argument("--data-dir", default=None, help="CIFAR-10 binary files (else $CIFAR10_DIR or tfds)")
+    r.add_argument("--seed", type=int, default=0, help="initialisation seed for --init")
+    r.add_argument("--out", default="runs/analysis")
     r.set_defaults(func=_layer_responses)
 
-    g = sub.add_parser('gradient-flow', help='dL/dx at every block input, plain vs residual')
-    g.add_argument('--depths', type=int, nargs='*', default=[20, 32, 44, 56, 110])
-    g.add_argument('--variants', nargs='+', default=['plain', 'resnet', 'resnet_zero_init'],
-                   choices=['plain', 'resnet', 'resnet_zero_init'])
-    g.add_argument('--workdirs', nargs='*', default=[], help='also trained nets (workdirs or a sweep root)')
-    g.add_argument('--images', type=int, default=128, help='batch of training images for the loss')
-    g.add_argument('--data-dir', default=None, help='CIFAR-10 binary files (else $CIFAR10_DIR or tfds)')
-    g.add_argument('--seed', type=int, default=0, help='initialisation seed (the trainer\'s)')
-    g.add_argument('--out', default='runs/analysis')
+    g = sub.add_parser("gradient-flow", help="dL/dx at every block input, plain vs residual")
+    g.add_argument("--depths", type=int, nargs="*", default=[20, 32, 44, 56, 110])
+    g.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "resnet", "resnet_zero_init"],
+        choices=["plain", "resnet", "resnet_zero_init"],
+    )
+    g.add_argument("--workdirs", nargs="*", default=[], help="also trained nets (workdirs or a sweep root)")
+    g.add_argument("--images", type=int, default=128, help="batch of training images for the loss")
+    g.add_argument("--data-dir", default=None, help="CIFAR-10 binary files (else $CIFAR10_DIR or tfds)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation seed (the trainer's)")
+    g.add_argument("--out", default="runs/analysis")
     g.set_defaults(func=_gradient_flow)
 
-    t = sub.add_parser('table1', help="FLOPs and parameters of the ImageNet nets beside the paper's Table 1")
-    t.add_argument('--nets', nargs='+', default=None, help='model names (default: every ImageNet net)')
-    t.add_argument('--out', default='runs/analysis')
+    t = sub.add_parser("table1", help="FLOPs and parameters of the ImageNet nets beside the paper's Table 1")
+    t.add_argument("--nets", nargs="+", default=None, help="model names (default: every ImageNet net)")
+    t.add_argument("--out", default="runs/analysis")
     t.set_defaults(func=_table1)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == 'degradation' and args.out is None:
+    if args.command == "degradation" and args.out is None:
         args.out = args.workdir
-    if args.command == 'table1' and args.nets is None:
+    if args.command == "table1" and args.nets is None:
         from resnet_jax.analysis.table1 import IMAGENET_NETS
+
         args.nets = list(IMAGENET_NETS)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
-    logging.getLogger('absl').setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except Exception as e:  # mapped by family (resnet_jax.errors); a bug goes on
         from resnet_jax import errors
+
         status = errors.exit_status(e)
         if status is None and isinstance(e, (ValueError, KeyError, ImportError)):
             status = errors.EXIT_USER_ERROR
         if status is None:
             raise
-        print(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}', file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return status
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

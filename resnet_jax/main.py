@@ -37,8 +37,9 @@ from resnet_jax.console import configure_logging, parse_flags
 from resnet_jax.interop.weights import load_for_init
 from resnet_jax.train.loop import PreemptedError, train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet20.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar10.py:resnet20.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -50,8 +51,11 @@ def report(error: BaseException) -> int | None:
     bug (the caller re-raises it, traceback and all)."""
     if isinstance(error, KeyboardInterrupt):
         # A second Ctrl-C, or one before training started: nothing was left half-done.
-        print("stopped: interrupted (Ctrl-C) before a checkpoint could be saved; rerun the same command to "
-              "resume from the last one", file=sys.stderr)
+        print(
+            "stopped: interrupted (Ctrl-C) before a checkpoint could be saved; rerun the same command to "
+            "resume from the last one",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     status = errors.exit_status(error)
     if status is None:
@@ -59,8 +63,11 @@ def report(error: BaseException) -> int | None:
     if isinstance(error, PreemptedError):
         print(f"stopped: {error}", file=sys.stderr)
     elif status == errors.EXIT_TRANSIENT and not isinstance(error, errors.TransientError):
-        print(f"error: {_one_line(error)} ({type(error).__name__}: the infrastructure failed, not the run; "
-              "rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+        print(
+            f"error: {_one_line(error)} ({type(error).__name__}: the infrastructure failed, not the run; "
+            "rerun the same command to resume from the last checkpoint)",
+            file=sys.stderr,
+        )
     else:
         print(f"error: {error}", file=sys.stderr)
     return status

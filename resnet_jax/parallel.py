@@ -11,12 +11,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import UserError
 
@@ -24,8 +25,14 @@ DATA_AXIS = "data"
 
 # Environment variables that say "this process is one of several" to jax.distributed's
 # auto-detection (SLURM, Open MPI, Cloud TPU pods, GKE/JobSet, an explicit coordinator).
-_CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                  "JAX_COORDINATOR_ADDRESS", "JOBSET_NAME")
+_CLUSTER_HINTS = (
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "JAX_COORDINATOR_ADDRESS",
+    "JOBSET_NAME",
+)
 
 
 class DistributedError(UserError, ValueError):
@@ -60,8 +67,11 @@ def initialize(dist: Mapping[str, Any], timeout_s: int = 300) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {}
     if explicit:
-        kwargs = dict(coordinator_address=dist["coordinator_address"],
-                      num_processes=dist["num_processes"], process_id=dist["process_id"])
+        kwargs = dict(
+            coordinator_address=dist["coordinator_address"],
+            num_processes=dist["num_processes"],
+            process_id=dist["process_id"],
+        )
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
     except Exception as e:  # JAX raises RuntimeError / ValueError with its own wording
@@ -74,10 +84,17 @@ def initialize(dist: Mapping[str, Any], timeout_s: int = 300) -> None:
     if expected is not None and jax.process_count() != expected:
         # Only the coordinator's count is binding; a process told otherwise would
         # compute its share of every batch wrongly.
-        raise DistributedError(f"config.distributed.num_processes = {expected} but {jax.process_count()} "
-                               "processes joined; give every process the same num_processes")
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+        raise DistributedError(
+            f"config.distributed.num_processes = {expected} but {jax.process_count()} "
+            "processes joined; give every process the same num_processes"
+        )
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh(devices: Any = None) -> Mesh:
@@ -98,8 +115,9 @@ def batch_sharded(mesh: Mesh, axis: int = 0) -> NamedSharding:
 def check_divisible(size: int, mesh: Mesh, what: str) -> None:
     n = mesh.devices.size
     if size % n:
-        raise DistributedError(f"{what} = {size} does not divide by the {n} devices of the mesh; "
-                               f"use a multiple of {n}")
+        raise DistributedError(
+            f"{what} = {size} does not divide by the {n} devices of the mesh; use a multiple of {n}"
+        )
 
 
 def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -121,22 +139,30 @@ def host_local_to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
     process ever holds another's rows. Shapes are checked here, not inside a compiled step.
     """
     if not local:
-        raise ValueError("host_local_to_global: the batch is empty; pass a dict of arrays such as "
-                         "{'image': ..., 'label': ...}")
+        raise ValueError(
+            "host_local_to_global: the batch is empty; pass a dict of arrays such as "
+            "{'image': ..., 'label': ...}"
+        )
     arrays = {k: np.asarray(v) for k, v in local.items()}
     sizes = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"host_local_to_global: every array needs the same leading (batch) size; got {sizes}")
+        raise ValueError(
+            f"host_local_to_global: every array needs the same leading (batch) size; got {sizes}"
+        )
     rows = next(iter(sizes.values()))
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     if local_devices == 0 or rows % local_devices:
-        raise ValueError(f"host_local_to_global: the local batch of {rows} rows does not divide by this "
-                         f"process's {local_devices} devices of the mesh; per-host batch must be a multiple "
-                         f"of {local_devices} (global batch = per-host batch x {jax.process_count()} processes)")
+        raise ValueError(
+            f"host_local_to_global: the local batch of {rows} rows does not divide by this "
+            f"process's {local_devices} devices of the mesh; per-host batch must be a multiple "
+            f"of {local_devices} (global batch = per-host batch x {jax.process_count()} processes)"
+        )
     sharding = batch_sharded(mesh)
     global_rows = rows * jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, a, (global_rows, *a.shape[1:]))
-            for k, a in arrays.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, a, (global_rows, *a.shape[1:]))
+        for k, a in arrays.items()
+    }
 
 
 def is_main_process() -> bool:
@@ -150,8 +176,12 @@ def describe_devices(devices: Any = None) -> str:
     for device in devices:
         name = "CPU" if device.platform == "cpu" else f"{device.device_kind} {device.platform.upper()}"
         kinds[name] = kinds.get(name, 0) + 1
-    parts = [f"{count} {name} device{'s' if count > 1 else ''}" if name == "CPU"
-             else f"{count} {name}{'s' if count > 1 else ''}" for name, count in kinds.items()]
+    parts = [
+        f"{count} {name} device{'s' if count > 1 else ''}"
+        if name == "CPU"
+        else f"{count} {name}{'s' if count > 1 else ''}"
+        for name, count in kinds.items()
+    ]
     text = ", ".join(parts)
     if all(device.platform == "cpu" for device in devices):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -160,8 +190,9 @@ def describe_devices(devices: Any = None) -> str:
     return text + (f" over {processes} processes" if processes > 1 else "")
 
 
-def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
-                     ) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_mesh(
+    batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
     """Each process's rows -> global arrays, `size` batches ahead of the consumer.
 
     The transfers are asynchronous, so while the step runs on batch t the next ones are

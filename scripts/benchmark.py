@@ -66,16 +66,27 @@ def main(argv=None) -> list[dict]:
     rep = parallel.replicated(mesh)
     split = feeding.DeviceSplit(
         images=parallel.host_to_global(rng.integers(0, 256, (n, size, size, 3), np.uint8), rep),
-        labels=parallel.host_to_global(rng.integers(0, num_classes, n).astype(np.int32), rep))
-    data = feeding.DeviceData(train=split, test=split,
-                              mean=parallel.host_to_global(np.full(3, 0.5, np.float32), rep),
-                              std=parallel.host_to_global(np.full(3, 0.25, np.float32), rep))
+        labels=parallel.host_to_global(rng.integers(0, num_classes, n).astype(np.int32), rep),
+    )
+    data = feeding.DeviceData(
+        train=split,
+        test=split,
+        mean=parallel.host_to_global(np.full(3, 0.5, np.float32), rep),
+        std=parallel.host_to_global(np.full(3, 0.25, np.float32), rep),
+    )
     k = args.steps_per_dispatch
-    idx = parallel.host_to_global(rng.integers(0, n, (k, args.batch)).astype(np.int32),
-                                  parallel.batch_sharded(mesh, axis=1))
-    common = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "image_size": size,
-              "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-              "params": models.count_params(state.params)}
+    idx = parallel.host_to_global(
+        rng.integers(0, n, (k, args.batch)).astype(np.int32), parallel.batch_sharded(mesh, axis=1)
+    )
+    common = {
+        "model": args.model,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "image_size": size,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "params": models.count_params(state.params),
+    }
     out = []
 
     chunk = feeding.TrainChunk(steps.train_step, mesh, seed=0, pad=4 if size == 32 else 0, flip=True)
@@ -90,13 +101,24 @@ def main(argv=None) -> list[dict]:
     jax.block_until_ready(run_chunks())  # warm-up
     times = timed(run_chunks, args.repeats)
     images = args.dispatches * k * args.batch
-    out.append({"bench": "resnet_jax", **common, "steps_per_dispatch": k, "fused": chunk.fused,
-                "compile_s": round(compile_s, 3), "img_per_s": images / min(times),
-                "img_per_s_all": [images / t for t in times], "ms_per_step": 1e3 * min(times) / (images / args.batch)})
+    out.append(
+        {
+            "bench": "resnet_jax",
+            **common,
+            "steps_per_dispatch": k,
+            "fused": chunk.fused,
+            "compile_s": round(compile_s, 3),
+            "img_per_s": images / min(times),
+            "img_per_s_all": [images / t for t in times],
+            "ms_per_step": 1e3 * min(times) / (images / args.batch),
+        }
+    )
 
     if not args.no_baseline:
-        batch = {"image": augment.eval_batch(data.train.images[:args.batch], data.mean, data.std, jnp.float32),
-                 "label": data.train.labels[:args.batch]}
+        batch = {
+            "image": augment.eval_batch(data.train.images[: args.batch], data.mean, data.std, jnp.float32),
+            "label": data.train.labels[: args.batch],
+        }
         batch = jax.device_put(batch, parallel.batch_sharded(mesh))
         step = jax.jit(steps.train_step, donate_argnums=(0,))
         start = time.perf_counter()
@@ -110,9 +132,17 @@ def main(argv=None) -> list[dict]:
 
         jax.block_until_ready(run_steps())
         times = timed(run_steps, args.repeats)
-        out.append({"bench": "baseline", **common, "steps_per_dispatch": 1, "compile_s": round(base_compile, 3),
-                    "img_per_s": images / min(times), "img_per_s_all": [images / t for t in times],
-                    "ms_per_step": 1e3 * min(times) / (images / args.batch)})
+        out.append(
+            {
+                "bench": "baseline",
+                **common,
+                "steps_per_dispatch": 1,
+                "compile_s": round(base_compile, 3),
+                "img_per_s": images / min(times),
+                "img_per_s_all": [images / t for t in times],
+                "ms_per_step": 1e3 * min(times) / (images / args.batch),
+            }
+        )
         out[0]["ratio_vs_baseline"] = out[0]["img_per_s"] / out[1]["img_per_s"]
     for record in out:
         print(json.dumps(record), flush=True)

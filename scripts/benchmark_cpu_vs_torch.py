@@ -30,7 +30,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth 6n+2")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process may use)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the cores this process may use)"
+    )
     p.add_argument("--torch-compile", action="store_true")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-convs", action="store_true")
@@ -71,8 +74,10 @@ def jax_step(batch: int, depth: int, xla_conv: bool = False) -> tuple[Callable[[
     tx = optim.sgd(optim.step_schedule(0.1, (10**9,)), 0.9, False, 1e-4)
     state = create_train_state(model, tx, jax.random.key(0), (32, 32, 3), mesh)
     rng = np.random.default_rng(0)
-    data = {"image": jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32)),
-            "label": jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))}
+    data = {
+        "image": jnp.asarray(rng.standard_normal((batch, 32, 32, 3), np.float32)),
+        "label": jnp.asarray(rng.integers(0, 10, batch).astype(np.int32)),
+    }
     step = jax.jit(steps.train_step, donate_argnums=(0,)).lower(state, data).compile()
     holder = {"state": state}
 
@@ -126,7 +131,7 @@ def _torch_resnet(torch: Any, depth: int) -> Any:
             y = self.bn2(self.conv2(y))
             shortcut = x
             if self.stride != 1 or self.extra:  # option A: subsample, pad channels with zeros
-                shortcut = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra))
+                shortcut = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra))
             return F.relu(y + shortcut)
 
     class Net(nn.Module):
@@ -150,7 +155,9 @@ def _torch_resnet(torch: Any, depth: int) -> Any:
     return Net()
 
 
-def torch_steps(torch: Any, batch: int, depth: int, compile_too: bool) -> tuple[dict[str, Callable[[], Any]], int]:
+def torch_steps(
+    torch: Any, batch: int, depth: int, compile_too: bool
+) -> tuple[dict[str, Callable[[], Any]], int]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
@@ -199,7 +206,11 @@ def torch_convs(torch: Any, batch: int) -> dict[str, Callable[[], Any]]:
         def weight_grad(x: Any = x, w: Any = w, dy: Any = dy) -> Any:
             return torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1)
 
-        out[f"{key}/forward"], out[f"{key}/input_grad"], out[f"{key}/weight_grad"] = forward, input_grad, weight_grad
+        out[f"{key}/forward"], out[f"{key}/input_grad"], out[f"{key}/weight_grad"] = (
+            forward,
+            input_grad,
+            weight_grad,
+        )
     return out
 
 
@@ -231,8 +242,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             torch = None
     if torch is not None:
         torch.set_num_threads(args.threads or _cores())
-    common = {"batch": args.batch, "depth": args.depth, "cores": _cores(), "jax": jax.__version__,
-              "torch": getattr(torch, "__version__", None), "load_avg_1m": os.getloadavg()[0]}
+    common = {
+        "batch": args.batch,
+        "depth": args.depth,
+        "cores": _cores(),
+        "jax": jax.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     run, params = jax_step(args.batch, args.depth)
     candidates = {"jax": run, "jax_xla_conv": jax_step(args.batch, args.depth, xla_conv=True)[0]}
     if torch is not None:
@@ -243,11 +260,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        out.append({"bench": "step", "impl": name, **common, "params": params,
-                    "ms_per_step": 1e3 * medians[name], "img_per_s": args.batch / medians[name],
-                    "img_per_s_rounds": [round(args.batch / s, 1) for s in t]})
-    ratio = {"bench": "ratio", **common,
-             **{f"{name}_over_jax": medians["jax"] / medians[name] for name in medians if name != "jax"}}
+        out.append(
+            {
+                "bench": "step",
+                "impl": name,
+                **common,
+                "params": params,
+                "ms_per_step": 1e3 * medians[name],
+                "img_per_s": args.batch / medians[name],
+                "img_per_s_rounds": [round(args.batch / s, 1) for s in t],
+            }
+        )
+    ratio = {
+        "bench": "ratio",
+        **common,
+        **{f"{name}_over_jax": medians["jax"] / medians[name] for name in medians if name != "jax"},
+    }
     out.append(ratio)
     for record in out:  # now, before the longer convolution profile
         print(json.dumps(record), flush=True)
@@ -259,8 +287,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         conv_times = rounds(convs, 2, args.repeats)
         for name, t in conv_times.items():
             impl, layer, part = name.split("/")
-            out.append({"bench": "conv", "impl": impl, "layer": layer, "part": part, **common,
-                        "ms": 1e3 * statistics.median(t)})
+            out.append(
+                {
+                    "bench": "conv",
+                    "impl": impl,
+                    "layer": layer,
+                    "part": part,
+                    **common,
+                    "ms": 1e3 * statistics.median(t),
+                }
+            )
     for record in out[printed:]:
         print(json.dumps(record), flush=True)
     return out

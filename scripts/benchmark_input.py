@@ -106,20 +106,39 @@ def main(argv=None) -> dict:
         n_eval = imagenet.num_examples(spec, "eval")
         needed = (args.warmup + args.batches) * args.batch
         if n_eval < needed:
-            sys.exit(f"--repeat {args.repeat} gives {n_eval} images, fewer than the {needed} one eval pass needs")
+            sys.exit(
+                f"--repeat {args.repeat} gives {n_eval} images, fewer than the {needed} one eval pass needs"
+            )
 
         def ours_train(transform):
-            return lambda: imagenet.train_batches(spec, seed=0, start_step=0, global_batch=args.batch,
-                                                  process_index=0, process_count=1, transform=transform,
-                                                  threads=args.threads)
+            return lambda: imagenet.train_batches(
+                spec,
+                seed=0,
+                start_step=0,
+                global_batch=args.batch,
+                process_index=0,
+                process_count=1,
+                transform=transform,
+                threads=args.threads,
+            )
 
         pipelines = {
             "inception": ours_train("inception"),
             "paper": ours_train("paper"),
-            "eval_center": lambda: imagenet.eval_batches(spec, protocol="center", per_process_batch=args.batch,
-                                                         process_index=0, process_count=1, threads=args.threads),
-            "peer_train": lambda: peer.peer_dataset(paths, labels, args.batch, train=True).as_numpy_iterator(),
-            "peer_eval": lambda: peer.peer_dataset(paths, labels, args.batch, train=False).as_numpy_iterator(),
+            "eval_center": lambda: imagenet.eval_batches(
+                spec,
+                protocol="center",
+                per_process_batch=args.batch,
+                process_index=0,
+                process_count=1,
+                threads=args.threads,
+            ),
+            "peer_train": lambda: peer.peer_dataset(
+                paths, labels, args.batch, train=True
+            ).as_numpy_iterator(),
+            "peer_eval": lambda: peer.peer_dataset(
+                paths, labels, args.batch, train=False
+            ).as_numpy_iterator(),
         }
         rates = {name: [] for name in pipelines}
         cpu_rates = {name: [] for name in pipelines}
@@ -134,11 +153,18 @@ def main(argv=None) -> dict:
         "images_per_s": {name: round(v, 1) for name, v in median.items()},
         "images_per_cpu_s": {name: round(v, 1) for name, v in cpu_median.items()},
         "rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()},
-        "batch": args.batch, "files": len(files), "repeat": args.repeat, "cpus": os.cpu_count(),
-        "load_average": [round(v, 2) for v in os.getloadavg()], "tensorflow": tf.__version__,
+        "batch": args.batch,
+        "files": len(files),
+        "repeat": args.repeat,
+        "cpus": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "tensorflow": tf.__version__,
     }
-    pairs = {"inception_vs_peer_train": ("inception", "peer_train"), "paper_vs_peer_train": ("paper", "peer_train"),
-             "eval_center_vs_peer_eval": ("eval_center", "peer_eval")}
+    pairs = {
+        "inception_vs_peer_train": ("inception", "peer_train"),
+        "paper_vs_peer_train": ("paper", "peer_train"),
+        "eval_center_vs_peer_eval": ("eval_center", "peer_eval"),
+    }
     for label, (ours, theirs) in pairs.items():
         result[f"ratio_{label}"] = round(median[ours] / median[theirs], 3)
         result[f"cpu_ratio_{label}"] = round(cpu_median[ours] / cpu_median[theirs], 3)

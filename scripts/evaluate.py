@@ -28,35 +28,47 @@ from tqdm import tqdm
 
 from resnet_jax import errors, models, parallel
 from resnet_jax.console import configure_logging, parse_flags
+from resnet_jax.files import atomic_write_json
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.plan import make_plan
 from resnet_jax.train.state import TrainState
-from resnet_jax.files import atomic_write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/imagenet.py:resnet50.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint dir, checkpoints/ dir, or .pth file.")
-_PROTOCOL = flags.DEFINE_enum("protocol", None, ["center", "ten_crop", "multi_scale"],
-                              "ImageNet test protocol (default: the config's dataset.eval_protocol).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Converted checkpoint dir, checkpoints/ dir, or .pth file."
+)
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    None,
+    ["center", "ten_crop", "multi_scale"],
+    "ImageNet test protocol (default: the config's dataset.eval_protocol).",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result.")
 flags.mark_flags_as_required(["config"])
 
 
 def _check_fits(variables: dict, model: models.ResNet, image_shape: tuple[int, int, int], where: str) -> None:
     """The weights must have exactly the model's variables; names the first that differs."""
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, *image_shape), np.float32),
-                                                 train=False))
-    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(
-        {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})})}
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, *image_shape), np.float32), train=False)
+    )
+    want = {
+        jax.tree_util.keystr(p): x.shape
+        for p, x in jax.tree_util.tree_leaves_with_path(
+            {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
+        )
+    }
     got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(variables)}
     for key in sorted(set(want) | set(got)):
         if want.get(key) != got.get(key):
             raise config_lib.ConfigError(
                 f"{where} does not fit config model {model_name()!r}: variable {key} is "
                 f"{got.get(key, 'missing')} in the weights, {want.get(key, 'absent')} in the model "
-                "(a different model, model.num_classes or dataset?)")
+                "(a different model, model.num_classes or dataset?)"
+            )
 
 
 def model_name() -> str:
@@ -73,15 +85,22 @@ def evaluate(config, path: str) -> dict:
         raise config_lib.ConfigError(str(e)) from None
     _check_fits(variables, model, info.image_shape, path)
     variables = jax.device_put(variables, parallel.replicated(mesh))
-    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state=(), apply_fn=model.apply, tx=None)
+    state = TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=(),
+        apply_fn=model.apply,
+        tx=None,
+    )
     source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
     start = time.perf_counter()
     if isinstance(source, sources.ImageNetSource):
         total = None
         eval_fn = jax.jit(steps.eval_step)
-        for batch in tqdm(source.eval_batches(), desc="evaluating", unit="batch",
-                          disable=not parallel.is_main_process()):
+        for batch in tqdm(
+            source.eval_batches(), desc="evaluating", unit="batch", disable=not parallel.is_main_process()
+        ):
             out = eval_fn(state, batch)
             total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
         sums = jax.device_get(total)
@@ -89,10 +108,18 @@ def evaluate(config, path: str) -> dict:
         sums = source.evaluate(state)
     record = steps.summarize_eval(sums)
     protocol = config.dataset.get("eval_protocol", "test")
-    return {"model": config.model.name, "weights": str(path), "dataset": config.dataset.name,
-            "split": info.eval_split, "protocol": protocol, "top1_error": record["error"],
-            "top5_error": record["error_top5"], "loss": record["loss"], "count": record["count"],
-            "seconds": time.perf_counter() - start}
+    return {
+        "model": config.model.name,
+        "weights": str(path),
+        "dataset": config.dataset.name,
+        "split": info.eval_split,
+        "protocol": protocol,
+        "top1_error": record["error"],
+        "top5_error": record["error_top5"],
+        "loss": record["loss"],
+        "count": record["count"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -1,9 +1,8 @@
 """Builds a config the way `python -m resnet_jax.main --config FILE:ARG --config.FIELD=VALUE` does."""
 
+from _configs import ROOT
 from absl import flags
 from ml_collections import config_flags
-
-from _configs import ROOT
 
 
 def config_from_command_line(spec: str, *overrides: str):
@@ -14,7 +13,8 @@ def config_from_command_line(spec: str, *overrides: str):
     """
     argv = ["prog", f"--config={ROOT / 'configs' / spec}", *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv
+    )
     values(argv)
     return values.config

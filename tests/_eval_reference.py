@@ -52,16 +52,23 @@ def per_example(groups: Sequence[np.ndarray], labels: np.ndarray) -> dict[str, n
     probs = averaged_probabilities(groups)
     labels = np.asarray(labels)
     rank = label_rank(probs, labels)
-    return {"loss": -np.log(probs[np.arange(len(labels)), labels]),
-            "wrong": (rank >= 1).astype(np.float64), "wrong5": (rank >= 5).astype(np.float64)}
+    return {
+        "loss": -np.log(probs[np.arange(len(labels)), labels]),
+        "wrong": (rank >= 1).astype(np.float64),
+        "wrong5": (rank >= 5).astype(np.float64),
+    }
 
 
 def sums(groups: Sequence[np.ndarray], labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """What one batch adds up to over its real examples: loss_sum, wrong, wrong5, count."""
     mask = np.asarray(mask, bool)
     ex = per_example(groups, labels)
-    return {"loss_sum": float(ex["loss"][mask].sum()), "wrong": float(ex["wrong"][mask].sum()),
-            "wrong5": float(ex["wrong5"][mask].sum()), "count": float(mask.sum())}
+    return {
+        "loss_sum": float(ex["loss"][mask].sum()),
+        "wrong": float(ex["wrong"][mask].sum()),
+        "wrong5": float(ex["wrong5"][mask].sum()),
+        "count": float(mask.sum()),
+    }
 
 
 def summary(batches: Sequence[tuple[Sequence[np.ndarray], np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -73,8 +80,12 @@ def summary(batches: Sequence[tuple[Sequence[np.ndarray], np.ndarray, np.ndarray
     n = total["count"]
     if n == 0:
         raise ValueError("no real (mask=True) example to evaluate")
-    return {"loss": total["loss_sum"] / n, "error": total["wrong"] / n, "error_top5": total["wrong5"] / n,
-            "count": int(n)}
+    return {
+        "loss": total["loss_sum"] / n,
+        "error": total["wrong"] / n,
+        "error_top5": total["wrong5"] / n,
+        "count": int(n),
+    }
 
 
 # Alternatives the evaluation must NOT compute; the tests check that their data tell them apart.

@@ -15,8 +15,11 @@ def samples() -> list[dict]:
     """Rows of the samples' manifest.csv (filename, synset, label_index, width, height, mode ...)."""
     manifest = SAMPLES_DIR / "manifest.csv"
     if not manifest.is_file():
-        pytest.fail(f"ImageNet samples missing: expected {manifest} (../shared/datasets/imagenet-samples "
-                    "beside the checkout); see ../shared/datasets/README.md", pytrace=False)
+        pytest.fail(
+            f"ImageNet samples missing: expected {manifest} (../shared/datasets/imagenet-samples "
+            "beside the checkout); see ../shared/datasets/README.md",
+            pytrace=False,
+        )
     with open(manifest, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -29,7 +32,10 @@ def make_image_folder(tmp_path: Path, n_val: int = 20, n_train: int | None = Non
     """
     rows = samples()
     root = Path(tmp_path) / "imagenet"
-    chosen = {"train": rows if n_train is None else rows[:n_train], "val": rows[len(rows) - n_val :] if n_val else []}
+    chosen = {
+        "train": rows if n_train is None else rows[:n_train],
+        "val": rows[len(rows) - n_val :] if n_val else [],
+    }
     for split, split_rows in chosen.items():
         (root / split).mkdir(parents=True, exist_ok=True)
         for row in split_rows:

@@ -16,12 +16,14 @@ import numpy as np
 
 job = json.loads(sys.argv[1])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{job['port']}", num_processes=job["num_processes"],
-                           process_id=job["process_id"])
+jax.distributed.initialize(
+    f"127.0.0.1:{job['port']}", num_processes=job["num_processes"], process_id=job["process_id"]
+)
+
+from test_imagenet_train import small_config  # noqa: E402
 
 from resnet_jax import parallel  # noqa: E402
 from resnet_jax.train import sources, steps  # noqa: E402
-from test_imagenet_train import small_config  # noqa: E402
 
 config = small_config(job["folder"])
 mesh = parallel.make_mesh()
@@ -33,7 +35,10 @@ train = source._train_batches(3)  # steps 3 and 4: from the middle of the first 
 out = {}
 for i in range(2):
     batch = next(train)
-    out[f"image{i}"], out[f"label{i}"] = np.asarray(gather(batch["image"])), np.asarray(gather(batch["label"]))
+    out[f"image{i}"], out[f"label{i}"] = (
+        np.asarray(gather(batch["image"])),
+        np.asarray(gather(batch["label"])),
+    )
 labels, masks = [], []
 for batch in source.eval_batches():
     labels.append(np.asarray(gather(batch["label"])))

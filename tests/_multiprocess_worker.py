@@ -34,7 +34,9 @@ from resnet_jax.train import feeding, loop, steps  # noqa: E402
 from resnet_jax.train.checkpoint import Checkpointer  # noqa: E402
 from resnet_jax.train.state import abstract_items, create_train_state  # noqa: E402
 
-CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
+CIFAR_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
+)
 
 
 def flat_arrays(tree) -> dict[str, np.ndarray]:
@@ -67,7 +69,9 @@ def build_state(config):
     derived = config_lib.validate(config, num_devices=mesh.devices.size)
     model = models.build_model(config.model.name, **config_lib.model_overrides(config.model))
     tx, _ = loop.build_optimizer(config, derived)
-    state = create_train_state(model, tx, jax.random.fold_in(jax.random.key(config.seed), 0), (32, 32, 3), mesh)
+    state = create_train_state(
+        model, tx, jax.random.fold_in(jax.random.key(config.seed), 0), (32, 32, 3), mesh
+    )
     return mesh, state
 
 
@@ -76,8 +80,9 @@ def dump_hlo(config, path: str) -> None:
     and of the fused `lax.scan` of two steps that GPUs and TPUs run (to `path` + ".scan")."""
     mesh, state = build_state(config)
     data = cifar.load_cifar10("binary", str(CIFAR_DIR), validation_size=0)
-    device_data = feeding.put_on_devices(data, mesh, config.dataset.normalization, config.dataset.train_subset,
-                                         config.dataset.eval_subset)
+    device_data = feeding.put_on_devices(
+        data, mesh, config.dataset.normalization, config.dataset.train_subset, config.dataset.eval_subset
+    )
     chunk = feeding.TrainChunk(steps.train_step, mesh, seed=0, pad=4, flip=True, fuse=False)
     idx = batching.train_indices(0, 0, 2, config.batch_size, device_data.train.size)
     idx = parallel.host_to_global(idx, parallel.batch_sharded(mesh, axis=1))
@@ -89,14 +94,21 @@ def local_batch_sum(path: str) -> None:
     """Each process contributes its own rows; process 0 records the global result."""
     mesh = parallel.make_mesh()
     rows = 2 * jax.local_device_count()
-    local = {"image": np.full((rows, 3), jax.process_index() + 1, np.float32),
-             "label": np.arange(rows, dtype=np.int32) + 100 * jax.process_index()}
+    local = {
+        "image": np.full((rows, 3), jax.process_index() + 1, np.float32),
+        "label": np.arange(rows, dtype=np.int32) + 100 * jax.process_index(),
+    }
     batch = parallel.host_local_to_global(local, mesh)
-    total = jax.jit(lambda b: (b["image"].sum(axis=1), b["label"]),
-                    out_shardings=parallel.replicated(mesh))(batch)
+    total = jax.jit(lambda b: (b["image"].sum(axis=1), b["label"]), out_shardings=parallel.replicated(mesh))(
+        batch
+    )
     if parallel.is_main_process():
-        np.savez(path, image_rows=np.asarray(total[0]), label=np.asarray(total[1]),
-                 global_shape=np.array(batch["image"].shape))
+        np.savez(
+            path,
+            image_rows=np.asarray(total[0]),
+            label=np.asarray(total[1]),
+            global_shape=np.array(batch["image"].shape),
+        )
 
 
 def train(job: dict) -> None:
@@ -112,7 +124,8 @@ def train(job: dict) -> None:
             if type(e).__name__ != run.get("expect"):
                 raise
             Path(f"{run['error_out']}.{jax.process_index()}.json").write_text(
-                json.dumps({"error": type(e).__name__, "message": str(e)}))
+                json.dumps({"error": type(e).__name__, "message": str(e)})
+            )
             continue
         if parallel.is_main_process() and run.get("out"):
             np.savez(run["out"], step=captured["step"], **flat_arrays(captured["state"]))
@@ -131,8 +144,13 @@ def restore(job: dict) -> None:
     with Checkpointer(Path(job["workdir"]) / "checkpoints", max_to_keep=5) as ckpt:
         restored = ckpt.restore_latest(abstract_items(state))
     shardings = {str(leaf.sharding) for leaf in jax.tree.leaves(restored.state)}
-    np.savez(job["out"], step=restored.step, num_devices=jax.device_count(), shardings=sorted(shardings),
-             **flat_arrays(restored.state))
+    np.savez(
+        job["out"],
+        step=restored.step,
+        num_devices=jax.device_count(),
+        shardings=sorted(shardings),
+        **flat_arrays(restored.state),
+    )
 
 
 def initialize(job: dict) -> None:

@@ -27,7 +27,9 @@ import torchvision  # noqa: E402,F401  isort: skip
 
 # The shared datasets sit beside the checkout (<repo>/../shared), on every
 # developer machine and in CI; derived from this file so no machine path is baked in.
-CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
+CIFAR_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar-10-batches-bin"
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _closed_forms import closed_form, imagenet_stage_shapes
 from _configs import ROOT
+
 from resnet_jax import experiments, models
 from resnet_jax.analysis import degradation, gradient_flow, probes, responses, table1
 from resnet_jax.train import loop
@@ -82,7 +82,9 @@ def test_plain_net_changes_the_gradient_and_the_probe_is_the_true_gradient(batch
     @jax.jit
     def loss(eps):
         probes_ = dict(zeros, **{name: eps * jnp.asarray(v)})
-        return gradient_flow._loss_with_probes(model, variables, jnp.asarray(images), jnp.asarray(labels), probes_)
+        return gradient_flow._loss_with_probes(
+            model, variables, jnp.asarray(images), jnp.asarray(labels), probes_
+        )
 
     # ReLUs that change sign within +-eps make the difference quotient err by O(eps)
     # (measured: 6% at 1e-2, 1.5% at 1e-3); below 1e-3 float32 round-off of the loss takes
@@ -97,7 +99,9 @@ def test_bn_responses_with_own_batch_statistics_have_unit_std(batch):
     model, variables = _net("cifar_resnet8")
     layers = responses.layer_responses(model, variables, images, batch_size=len(images), train=True)
     # The stem conv and two 3x3 convs in each of the three blocks, in network order.
-    assert [l["layer"] for l in layers] == ["stem_bn"] + [f"stage{s}_block1/bn{i}" for s in (1, 2, 3) for i in (1, 2)]
+    assert [l["layer"] for l in layers] == ["stem_bn"] + [
+        f"stage{s}_block1/bn{i}" for s in (1, 2, 3) for i in (1, 2)
+    ]
     for layer in layers:
         np.testing.assert_allclose(layer["channel_std"], 1.0, atol=1e-3)
 
@@ -109,11 +113,16 @@ def test_responses_match_flax_captured_bn_outputs_in_eval_mode(batch):
     rng = np.random.default_rng(2)
     variables = jax.tree.map(lambda a: a, variables)
     variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.asarray(rng.uniform(-0.2, 0.2, a.shape) if path[-1].key == "mean"
-                                    else rng.uniform(0.5, 2.0, a.shape), jnp.float32),
-        variables["batch_stats"])
+        lambda path, a: jnp.asarray(
+            rng.uniform(-0.2, 0.2, a.shape) if path[-1].key == "mean" else rng.uniform(0.5, 2.0, a.shape),
+            jnp.float32,
+        ),
+        variables["batch_stats"],
+    )
     layers = responses.layer_responses(model, variables, images, batch_size=4)  # 4 + 2 images
-    _, state = model.apply(variables, images, train=False, capture_intermediates=True, mutable=["intermediates"])
+    _, state = model.apply(
+        variables, images, train=False, capture_intermediates=True, mutable=["intermediates"]
+    )
     inter = state["intermediates"]
     for layer in layers:
         node = inter
@@ -164,9 +173,29 @@ def test_shortening_keeps_the_recipe_shape():
 def sweep(tmp_path_factory, cifar_dir):
     """A degradation sweep (plain-8, ResNet-8) killed between the two nets, then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    argv = ["degradation", "--depths", "8", "--steps", "8", "--batch", "32", "--train-subset", "256",
-            "--eval-subset", "100", "--eval-every", "4", "--log-every", "4", "--data-dir", str(cifar_dir),
-            "--workdir", str(root / "runs"), "--out", str(root / "out")]
+    argv = [
+        "degradation",
+        "--depths",
+        "8",
+        "--steps",
+        "8",
+        "--batch",
+        "32",
+        "--train-subset",
+        "256",
+        "--eval-subset",
+        "100",
+        "--eval-every",
+        "4",
+        "--log-every",
+        "4",
+        "--data-dir",
+        str(cifar_dir),
+        "--workdir",
+        str(root / "runs"),
+        "--out",
+        str(root / "out"),
+    ]
     real = loop.train_and_evaluate
     calls = []
 
@@ -190,8 +219,14 @@ def sweep(tmp_path_factory, cifar_dir):
         calls.clear()
         mp.setattr(loop, "train_and_evaluate", recording)
         rc = experiments.main(argv)
-    return {"root": root, "first": first, "second": list(calls), "rc": rc, "plain_results": plain_results,
-            "resnet_done_before": resnet_done_before}
+    return {
+        "root": root,
+        "first": first,
+        "second": list(calls),
+        "rc": rc,
+        "plain_results": plain_results,
+        "resnet_done_before": resnet_done_before,
+    }
 
 
 def test_killed_sweep_trains_only_what_is_missing(sweep):
@@ -219,16 +254,52 @@ def test_degradation_writes_png_json_and_table(sweep):
 
 def test_layer_responses_and_gradient_flow_from_the_command_line(sweep, cifar_dir, tmp_path):
     runs = str(sweep["root"] / "runs")
-    assert experiments.main(["layer-responses", "--workdirs", runs, "--init", "cifar_resnet8", "--images", "100",
-                             "--batch", "50", "--data-dir", str(cifar_dir), "--out", str(tmp_path)]) == 0
+    assert (
+        experiments.main(
+            [
+                "layer-responses",
+                "--workdirs",
+                runs,
+                "--init",
+                "cifar_resnet8",
+                "--images",
+                "100",
+                "--batch",
+                "50",
+                "--data-dir",
+                str(cifar_dir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "layer_responses.json").read_text())
     assert set(data["nets"]) == {"plain-8 (step 8)", "ResNet-8 (step 8)", "resnet8 (init)"}
     assert all(len(net["layers"]) == 7 for net in data["nets"].values())
     assert (tmp_path / "layer_responses.png").stat().st_size > 1000
 
-    assert experiments.main(["gradient-flow", "--depths", "8", "--variants", "plain", "resnet_zero_init",
-                             "--images", "8", "--workdirs", runs, "--data-dir", str(cifar_dir),
-                             "--out", str(tmp_path)]) == 0
+    assert (
+        experiments.main(
+            [
+                "gradient-flow",
+                "--depths",
+                "8",
+                "--variants",
+                "plain",
+                "resnet_zero_init",
+                "--images",
+                "8",
+                "--workdirs",
+                runs,
+                "--data-dir",
+                str(cifar_dir),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "gradient_flow.json").read_text())
     assert set(data["nets"]) == {"plain-8", "ResNet-8 zero-init", "plain-8 (step 8)", "ResNet-8 (step 8)"}
     assert data["nets"]["ResNet-8 zero-init"]["first_over_last"] == pytest.approx(1.0, rel=1e-5)

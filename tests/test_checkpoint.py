@@ -172,7 +172,10 @@ def test_missing_manifest_restores_unverified_with_warning(tmp_path):
         assert restored.step == 2
         assert_bit_equal(restored.state, make_state(2))
         assert len(ckpt.last_restore_warnings) == 1
-        assert "step 2" in ckpt.last_restore_warnings[0] and "cannot be verified" in ckpt.last_restore_warnings[0]
+        assert (
+            "step 2" in ckpt.last_restore_warnings[0]
+            and "cannot be verified" in ckpt.last_restore_warnings[0]
+        )
 
 
 def test_unverified_and_unreadable_falls_back(tmp_path):
@@ -311,7 +314,11 @@ def test_restore_onto_a_different_device_count(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path / "checkpoints")],
-        check=False, env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "RESHARD_OK" in result.stdout, result.stderr[-3000:]
 
@@ -334,7 +341,9 @@ def test_kill_9_during_saves_resumes_from_a_complete_step(tmp_path):
     directory = tmp_path / "checkpoints"
     child = subprocess.Popen(
         [sys.executable, "-c", KILL_CHILD, str(directory)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     try:
@@ -405,7 +414,10 @@ def test_two_processes_save_verify_and_fall_back_together(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", MULTIPROCESS_SCRIPT, str(i), str(port), directory],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -420,4 +432,6 @@ def test_two_processes_save_verify_and_fall_back_together(tmp_path):
         outputs.append((out, err))
     for out, err in outputs:
         assert "MP_OK" in out, err[-3000:]
-    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints" / QUARANTINE_DIR).iterdir() if p.is_dir()] == ["3"]
+    assert [
+        p.name.split("-")[0] for p in (tmp_path / "checkpoints" / QUARANTINE_DIR).iterdir() if p.is_dir()
+    ] == ["3"]

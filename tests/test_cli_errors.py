@@ -35,8 +35,16 @@ def env() -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    proc = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -48,10 +56,19 @@ def assert_one_error_line(stderr: str) -> str:
 
 # --- 1. one error family ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls, base, status", [
-    (ConfigError, ValueError, 2), (DataError, ValueError, 2), (workdir.WorkdirError, ValueError, 2),
-    (checkpoint.CheckpointError, RuntimeError, 2), (parallel.DistributedError, ValueError, 2),
-    (loop.NonFiniteLossError, RuntimeError, 3), (loop.PreemptedError, RuntimeError, 143)])
+
+@pytest.mark.parametrize(
+    "cls, base, status",
+    [
+        (ConfigError, ValueError, 2),
+        (DataError, ValueError, 2),
+        (workdir.WorkdirError, ValueError, 2),
+        (checkpoint.CheckpointError, RuntimeError, 2),
+        (parallel.DistributedError, ValueError, 2),
+        (loop.NonFiniteLossError, RuntimeError, 3),
+        (loop.PreemptedError, RuntimeError, 143),
+    ],
+)
 def test_every_error_class_is_in_the_family_and_keeps_its_builtin_base(cls, base, status):
     assert issubclass(cls, errors.ResNetJaxError) and issubclass(cls, base)
     assert errors.exit_status(cls("x")) == status
@@ -92,23 +109,45 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-@pytest.mark.parametrize("error, status, words", [
-    ("CheckpointError('no checkpoint in w can be restored')", 2, "error: no checkpoint in w can be restored"),
-    ("OSError(errno.ENOSPC, 'No space left on device', 'w/metrics.jsonl')", 2, "No space left on device"),
-    ("ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')", 75, "rerun the same command"),
-    ("errors.TransientError('the coordinator went away')", 75, "error: the coordinator went away"),
-], ids=["checkpoint", "disk-full", "network", "transient"])
+@pytest.mark.parametrize(
+    "error, status, words",
+    [
+        (
+            "CheckpointError('no checkpoint in w can be restored')",
+            2,
+            "error: no checkpoint in w can be restored",
+        ),
+        ("OSError(errno.ENOSPC, 'No space left on device', 'w/metrics.jsonl')", 2, "No space left on device"),
+        ("ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')", 75, "rerun the same command"),
+        ("errors.TransientError('the coordinator went away')", 75, "error: the coordinator went away"),
+    ],
+    ids=["checkpoint", "disk-full", "network", "transient"],
+)
 def test_main_maps_errors_by_family(error, status, words, env, tmp_path):
-    args = [sys.executable, "-c", _RAISING_MAIN.format(error=error), "--config", "configs/cifar10.py:resnet8",
-            "--workdir", str(tmp_path / "w")]
+    args = [
+        sys.executable,
+        "-c",
+        _RAISING_MAIN.format(error=error),
+        "--config",
+        "configs/cifar10.py:resnet8",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
     rc, err = run_cli(args, env)
     assert rc == status, err[-3000:]
     assert words in assert_one_error_line(err)
 
 
 def test_a_bug_keeps_its_traceback(env, tmp_path):
-    args = [sys.executable, "-c", _RAISING_MAIN.format(error="RuntimeError('a bug')"), "--config",
-            "configs/cifar10.py:resnet8", "--workdir", str(tmp_path / "w")]
+    args = [
+        sys.executable,
+        "-c",
+        _RAISING_MAIN.format(error="RuntimeError('a bug')"),
+        "--config",
+        "configs/cifar10.py:resnet8",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
     rc, err = run_cli(args, env)
     assert rc == 1 and "Traceback" in err and "RuntimeError: a bug" in err, err[-3000:]
 
@@ -117,18 +156,39 @@ def test_a_bug_keeps_its_traceback(env, tmp_path):
 
 _MAIN = [sys.executable, "-m", "resnet_jax.main", "--workdir", "{w}"]
 _EVALUATE = [sys.executable, "scripts/evaluate.py", "--workdir", "{w}"]
-_EXPERIMENTS = [sys.executable, "-m", "resnet_jax.experiments", "degradation", "--depths", "20", "--steps", "4",
-                "--workdir", "{w}"]
+_EXPERIMENTS = [
+    sys.executable,
+    "-m",
+    "resnet_jax.experiments",
+    "degradation",
+    "--depths",
+    "20",
+    "--steps",
+    "4",
+    "--workdir",
+    "{w}",
+]
 
 
 @pytest.mark.parametrize("command", [_MAIN, _EVALUATE], ids=["main", "evaluate"])
-@pytest.mark.parametrize("mistake, words", [
-    (["--config", "configs/cifar10.py:resnet8", "--config.optimizer.learnin_rate=0.1"],
-     ["--config.optimizer.learnin_rate=0.1", "no such config field", 'did you mean "learning_rate"']),
-    (["--config", "configs/cifar10.py:resnet8", "--config.batch_size=abc"], ["--config.batch_size=abc", "'abc'"]),
-    (["--config", "configs/no_such_file.py:resnet8"],
-     ["--config configs/no_such_file.py:resnet8", "No such file or directory"]),
-], ids=["misspelt", "bad-type", "missing-file"])
+@pytest.mark.parametrize(
+    "mistake, words",
+    [
+        (
+            ["--config", "configs/cifar10.py:resnet8", "--config.optimizer.learnin_rate=0.1"],
+            ["--config.optimizer.learnin_rate=0.1", "no such config field", 'did you mean "learning_rate"'],
+        ),
+        (
+            ["--config", "configs/cifar10.py:resnet8", "--config.batch_size=abc"],
+            ["--config.batch_size=abc", "'abc'"],
+        ),
+        (
+            ["--config", "configs/no_such_file.py:resnet8"],
+            ["--config configs/no_such_file.py:resnet8", "No such file or directory"],
+        ),
+    ],
+    ids=["misspelt", "bad-type", "missing-file"],
+)
 def test_a_config_mistake_is_one_line_and_status_2(command, mistake, words, env, tmp_path):
     rc, err = run_cli([a.format(w=tmp_path / "w") for a in command] + mistake, env)
     assert rc == 2, err[-3000:]
@@ -137,12 +197,21 @@ def test_a_config_mistake_is_one_line_and_status_2(command, mistake, words, env,
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("mistake, words", [
-    (["--set", "optimizer.learnin_rate=0.1"], ["optimizer.learnin_rate", "no such config field",
-                                               "did you mean 'learning_rate'"]),
-    (["--set", "batch_size=abc"], ["--set batch_size=abc", "int"]),
-    (["--config", "configs/no_such_file.py"], ["--config configs/no_such_file.py", "no such config file"]),
-], ids=["misspelt", "bad-type", "missing-file"])
+@pytest.mark.parametrize(
+    "mistake, words",
+    [
+        (
+            ["--set", "optimizer.learnin_rate=0.1"],
+            ["optimizer.learnin_rate", "no such config field", "did you mean 'learning_rate'"],
+        ),
+        (["--set", "batch_size=abc"], ["--set batch_size=abc", "int"]),
+        (
+            ["--config", "configs/no_such_file.py"],
+            ["--config configs/no_such_file.py", "no such config file"],
+        ),
+    ],
+    ids=["misspelt", "bad-type", "missing-file"],
+)
 def test_experiments_config_mistake_is_one_line_and_status_2(mistake, words, env, tmp_path):
     rc, err = run_cli([a.format(w=tmp_path / "w") for a in _EXPERIMENTS] + mistake, env)
     assert rc == 2, err[-3000:]
@@ -153,13 +222,22 @@ def test_experiments_config_mistake_is_one_line_and_status_2(mistake, words, env
 
 # --- 4. Ctrl-C -----------------------------------------------------------------------------------
 
+
 class Watched:
     """A command line in its own session, SIGINT not ignored (as at a terminal); stderr
     collected line by line while it runs."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True, restore_signals=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            restore_signals=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -210,7 +288,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130_then_rerun_resumes(cifar_dir, t
     assert rc == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("stopped: interrupted (Ctrl-C) at step ") and "rerun the same command" in line, line
+    assert line.startswith("stopped: interrupted (Ctrl-C) at step ") and "rerun the same command" in line, (
+        line
+    )
     saved = int(re.search(r"at step (\d+)", line).group(1))
     assert saved in (4, 8, 12)
     ckpt = work / "checkpoints"
@@ -244,7 +324,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 def test_a_second_ctrl_c_stops_at_once(cifar_dir, tmp_path, env):
     work = tmp_path / "impatient"
     cmd = cli_command(work, cifar_dir, checkpoint_every_steps=16)
-    cmd = [sys.executable, "-c", _SLOW_SAVE_MAIN] + cmd[cmd.index("--config"):]
+    cmd = [sys.executable, "-c", _SLOW_SAVE_MAIN] + cmd[cmd.index("--config") :]
     proc = Watched(cmd, env)
     proc.wait_for(_first_train_line(work / "metrics.jsonl"))
     proc.proc.send_signal(signal.SIGINT)
@@ -258,17 +338,21 @@ def test_a_second_ctrl_c_stops_at_once(cifar_dir, tmp_path, env):
 
 # --- 5. one run per workdir ----------------------------------------------------------------------
 
+
 def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_does_not_block(cifar_dir, tmp_path, env):
     work = tmp_path / "shared"
-    cmd = cli_command(work, cifar_dir, schedule__total_steps=4000, schedule__boundaries=(3000,),
-                      checkpoint_every_steps=4000)
+    cmd = cli_command(
+        work, cifar_dir, schedule__total_steps=4000, schedule__boundaries=(3000,), checkpoint_every_steps=4000
+    )
     holder = Watched(cmd, env)
     try:
         holder.wait_for(_first_train_line(work / "metrics.jsonl"))
         rc, err = run_cli(cmd, env)
         assert rc == 2, err[-3000:]
         line = assert_one_error_line(err)
-        assert "is in use by" in line and f"pid {holder.proc.pid} on host {socket.gethostname()}" in line, line
+        assert "is in use by" in line and f"pid {holder.proc.pid} on host {socket.gethostname()}" in line, (
+            line
+        )
         assert holder.proc.poll() is None, "the refused run disturbed the holder"
     finally:
         holder.proc.kill()  # dies without releasing anything itself
@@ -281,6 +365,7 @@ def test_a_workdir_in_use_is_refused_and_a_dead_holders_lock_does_not_block(cifa
 
 
 # --- 3. the infrastructure's failures against the user's -----------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -296,9 +381,16 @@ def test_a_peer_that_dies_mid_run_is_transient_for_the_survivor(cifar_dir, tmp_p
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for pid in range(2):
-        cmd = cli_command(work, cifar_dir, schedule__total_steps=400, schedule__boundaries=(300,),
-                          checkpoint_every_steps=400, distributed__coordinator_address=address,
-                          distributed__num_processes=2, distributed__process_id=pid)
+        cmd = cli_command(
+            work,
+            cifar_dir,
+            schedule__total_steps=400,
+            schedule__boundaries=(300,),
+            checkpoint_every_steps=400,
+            distributed__coordinator_address=address,
+            distributed__num_processes=2,
+            distributed__process_id=pid,
+        )
         procs.append(Watched(cmd, env))
     survivor, victim = procs
     try:
@@ -327,15 +419,29 @@ def test_a_workdir_that_cannot_be_created_is_the_users_to_fix(cifar_dir, tmp_pat
 
 # --- 6. first contact ----------------------------------------------------------------------------
 
+
 def test_first_command_on_a_fresh_machine_without_data_or_network_is_one_line(env, tmp_path):
     """The README's first command with no CIFAR-10 anywhere (no CIFAR10_DIR, an empty home,
     so no ~/tensorflow_datasets) and the download refused: stderr is the error line alone."""
     fresh = {k: v for k, v in env.items() if k not in ("CIFAR10_DIR", "TFDS_DATA_DIR")}
-    fresh.update(HOME=str(tmp_path / "home"), RESNET_JAX_DATA=str(tmp_path / "cache"),
-                 RESNET_JAX_DATA_URL="http://127.0.0.1:9")  # the discard port: refused
+    fresh.update(
+        HOME=str(tmp_path / "home"),
+        RESNET_JAX_DATA=str(tmp_path / "cache"),
+        RESNET_JAX_DATA_URL="http://127.0.0.1:9",
+    )  # the discard port: refused
     (tmp_path / "home").mkdir()
-    rc, err = run_cli([sys.executable, "-m", "resnet_jax.main", "--config", "configs/cifar10.py:quick",
-                       "--workdir", str(tmp_path / "runs" / "quick")], fresh)
+    rc, err = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "resnet_jax.main",
+            "--config",
+            "configs/cifar10.py:quick",
+            "--workdir",
+            str(tmp_path / "runs" / "quick"),
+        ],
+        fresh,
+    )
     assert rc == 2, err[-3000:]
     line = assert_one_error_line(err)
     assert "cannot download" in line and "cifar-10-binary.tar.gz" in line, line

@@ -8,11 +8,11 @@ import tempfile
 
 import ml_collections
 import pytest
+from _command_line import config_from_command_line
+from _configs import ROOT, load_config, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _command_line import config_from_command_line
-from _configs import ROOT, load_config, tiny_config
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import fields, loop
 from resnet_jax.train.config import SCHEMA, ConfigError, flatten, validate
@@ -40,7 +40,12 @@ def test_every_paper_config_and_the_tiny_one_validate(base):
     for arg in ("resnet20", "resnet110", "plain56", "preact_resnet164", "quick", "resnet56,batch=1024"):
         validate(load_config(arg))
     derived = validate(base)
-    assert (derived.total_steps, derived.boundaries, derived.num_train, derived.num_eval) == (16, (12,), 2048, 500)
+    assert (derived.total_steps, derived.boundaries, derived.num_train, derived.num_eval) == (
+        16,
+        (12,),
+        2048,
+        500,
+    )
 
 
 def test_quick_start_is_what_the_readme_says():
@@ -56,66 +61,94 @@ def test_quick_start_is_what_the_readme_says():
 
 
 def test_linear_scaling_rule(base):
-    derived = validate(with_values(base, {"batch_size": 128, "schedule.total_steps": 64,
-                                          "schedule.boundaries": (32, 48), "schedule.warmup_steps": 8}))
+    derived = validate(
+        with_values(
+            base,
+            {
+                "batch_size": 128,
+                "schedule.total_steps": 64,
+                "schedule.boundaries": (32, 48),
+                "schedule.warmup_steps": 8,
+            },
+        )
+    )
     # Reference batch 32: four times the batch, a quarter of the steps, four times the lr.
     assert derived.total_steps == 16 and derived.boundaries == (8, 12) and derived.warmup_steps == 2
     assert derived.learning_rate == pytest.approx(0.2)
     assert derived.warmup_learning_rate == pytest.approx(0.04)
 
 
-@pytest.mark.parametrize("values, field", [
-    ({"batch_size": "32"}, "batch_size"),
-    ({"batch_size": 32.0}, "batch_size"),
-    ({"batch_size": True}, "batch_size"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"seed": -1}, "seed"),
-    ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate"),
-    ({"optimizer.learning_rate": -0.1}, "optimizer.learning_rate"),
-    ({"optimizer.learning_rate": math.nan}, "optimizer.learning_rate"),
-    ({"optimizer.learning_rate": math.inf}, "optimizer.learning_rate"),
-    ({"optimizer.momentum": 1.0}, "optimizer.momentum"),
-    ({"optimizer.weight_decay_on": "bias"}, "optimizer.weight_decay_on"),
-    ({"schedule.decay_factor": 0.0}, "schedule.decay_factor"),
-    ({"schedule.boundaries": (12, 4)}, "schedule.boundaries"),
-    ({"schedule.boundaries": (4, 4)}, "schedule.boundaries"),
-    ({"schedule.boundaries": (16,)}, "schedule.boundaries"),
-    ({"schedule.boundaries": (0,)}, "schedule.boundaries"),
-    ({"schedule.boundaries": "12"}, "schedule.boundaries"),
-    ({"schedule.boundaries": (12.0,)}, "schedule.boundaries"),
-    ({"schedule.warmup_steps": 16}, "schedule.warmup_steps"),
-    ({"schedule.warmup_steps": 13}, "schedule.warmup_steps"),
-    ({"schedule.warmup": "cosine"}, "schedule.warmup"),
-    ({"schedule.total_steps": 0}, "schedule.total_steps"),
-    ({"schedule.total_steps": 1, "schedule.boundaries": (), "batch_size": 128}, "schedule.total_steps"),
-    ({"batch_size": 512, "schedule.total_steps": 64, "schedule.boundaries": (60,)}, "schedule.boundaries"),
-    ({"batch_size": 256, "schedule.total_steps": 64, "schedule.boundaries": (1,)}, "schedule.boundaries"),
-    ({"batch_size": 256, "schedule.total_steps": 64, "schedule.boundaries": (), "schedule.warmup_steps": 2},
-     "schedule.warmup_steps"),
-    ({"model.name": "cifar_resnet9"}, "model"),
-    ({"model.name": "resnet19"}, "model"),
-    ({"model.name": "densenet121"}, "model"),
-    ({"model.name": ""}, "model.name"),
-    ({"model.dtype": "float16"}, "model.dtype"),
-    ({"model.shortcut": "D"}, "model.shortcut"),
-    ({"model.stride_on_3x3": 1}, "model.stride_on_3x3"),  # 1 == True, but not a bool
-    ({"model.width_multiplier": 0.0}, "model.width_multiplier"),
-    ({"model.width_multiplier": 65.0}, "model.width_multiplier"),
-    ({"model.ghost_batch_size": 5}, "model.ghost_batch_size"),
-    ({"dataset.name": "mnist"}, "dataset.name"),
-    ({"dataset.label_mode": "coarse"}, "dataset.label_mode"),  # CIFAR-10 has fine labels only
-    ({"dataset.pad": 17}, "dataset.pad"),
-    ({"dataset.train_subset": 50_001}, "dataset.train_subset"),
-    ({"dataset.train_subset": 16}, "batch_size"),
-    ({"dataset.eval_subset": 10_001}, "dataset.eval_subset"),
-    ({"dataset.validation_size": 5000, "dataset.eval_subset": 6000}, "dataset.eval_subset"),
-    ({"log_every_steps": 6}, "log_every_steps"),
-    ({"checkpoint_every_steps": 0}, "checkpoint_every_steps"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints"),
-    ({"distributed.num_processes": 2}, "distributed.coordinator_address"),
-    ({"distributed.coordinator_address": "h:1", "distributed.num_processes": 2,
-      "distributed.process_id": 2}, "distributed.process_id"),
-])
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"batch_size": "32"}, "batch_size"),
+        ({"batch_size": 32.0}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"seed": -1}, "seed"),
+        ({"optimizer.learning_rate": 0.0}, "optimizer.learning_rate"),
+        ({"optimizer.learning_rate": -0.1}, "optimizer.learning_rate"),
+        ({"optimizer.learning_rate": math.nan}, "optimizer.learning_rate"),
+        ({"optimizer.learning_rate": math.inf}, "optimizer.learning_rate"),
+        ({"optimizer.momentum": 1.0}, "optimizer.momentum"),
+        ({"optimizer.weight_decay_on": "bias"}, "optimizer.weight_decay_on"),
+        ({"schedule.decay_factor": 0.0}, "schedule.decay_factor"),
+        ({"schedule.boundaries": (12, 4)}, "schedule.boundaries"),
+        ({"schedule.boundaries": (4, 4)}, "schedule.boundaries"),
+        ({"schedule.boundaries": (16,)}, "schedule.boundaries"),
+        ({"schedule.boundaries": (0,)}, "schedule.boundaries"),
+        ({"schedule.boundaries": "12"}, "schedule.boundaries"),
+        ({"schedule.boundaries": (12.0,)}, "schedule.boundaries"),
+        ({"schedule.warmup_steps": 16}, "schedule.warmup_steps"),
+        ({"schedule.warmup_steps": 13}, "schedule.warmup_steps"),
+        ({"schedule.warmup": "cosine"}, "schedule.warmup"),
+        ({"schedule.total_steps": 0}, "schedule.total_steps"),
+        ({"schedule.total_steps": 1, "schedule.boundaries": (), "batch_size": 128}, "schedule.total_steps"),
+        (
+            {"batch_size": 512, "schedule.total_steps": 64, "schedule.boundaries": (60,)},
+            "schedule.boundaries",
+        ),
+        ({"batch_size": 256, "schedule.total_steps": 64, "schedule.boundaries": (1,)}, "schedule.boundaries"),
+        (
+            {
+                "batch_size": 256,
+                "schedule.total_steps": 64,
+                "schedule.boundaries": (),
+                "schedule.warmup_steps": 2,
+            },
+            "schedule.warmup_steps",
+        ),
+        ({"model.name": "cifar_resnet9"}, "model"),
+        ({"model.name": "resnet19"}, "model"),
+        ({"model.name": "densenet121"}, "model"),
+        ({"model.name": ""}, "model.name"),
+        ({"model.dtype": "float16"}, "model.dtype"),
+        ({"model.shortcut": "D"}, "model.shortcut"),
+        ({"model.stride_on_3x3": 1}, "model.stride_on_3x3"),  # 1 == True, but not a bool
+        ({"model.width_multiplier": 0.0}, "model.width_multiplier"),
+        ({"model.width_multiplier": 65.0}, "model.width_multiplier"),
+        ({"model.ghost_batch_size": 5}, "model.ghost_batch_size"),
+        ({"dataset.name": "mnist"}, "dataset.name"),
+        ({"dataset.label_mode": "coarse"}, "dataset.label_mode"),  # CIFAR-10 has fine labels only
+        ({"dataset.pad": 17}, "dataset.pad"),
+        ({"dataset.train_subset": 50_001}, "dataset.train_subset"),
+        ({"dataset.train_subset": 16}, "batch_size"),
+        ({"dataset.eval_subset": 10_001}, "dataset.eval_subset"),
+        ({"dataset.validation_size": 5000, "dataset.eval_subset": 6000}, "dataset.eval_subset"),
+        ({"log_every_steps": 6}, "log_every_steps"),
+        ({"checkpoint_every_steps": 0}, "checkpoint_every_steps"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints"),
+        ({"distributed.num_processes": 2}, "distributed.coordinator_address"),
+        (
+            {
+                "distributed.coordinator_address": "h:1",
+                "distributed.num_processes": 2,
+                "distributed.process_id": 2,
+            },
+            "distributed.process_id",
+        ),
+    ],
+)
 def test_each_rule_names_its_field(base, values, field):
     with pytest.raises(ConfigError, match=rf"config field\S* {field}\b"):
         validate(with_values(base, values))
@@ -151,8 +184,11 @@ def test_imagenet_configs_have_their_own_dataset_fields():
         assert set(flatten(config.to_dict())) == set(config_lib.schema_for("imagenet2012"))
         validate(config)  # ILSVRC-2012's sizes: no data needed
     config = load_config("resnet50", "imagenet.py")
-    with pytest.raises(ConfigError, match=r"config field dataset.eval_protocol = 'five_crop': must be one of "
-                                          r"'center', 'ten_crop', 'multi_scale'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config field dataset.eval_protocol = 'five_crop': must be one of "
+        r"'center', 'ten_crop', 'multi_scale'",
+    ):
         validate(with_values(config, {"dataset.eval_protocol": "five_crop"}))
     tree = config.to_dict()
     tree["dataset"]["pad"] = 4  # a CIFAR field
@@ -187,7 +223,8 @@ def test_fields_table_lists_every_field_once():
 def test_committed_fields_page_is_the_generated_one():
     page = ROOT / "docs" / "config_fields.md"
     assert page.read_text(encoding="utf-8") == config_lib.fields_table(), (
-        "docs/config_fields.md is stale: run python scripts/write_config_table.py")
+        "docs/config_fields.md is stale: run python scripts/write_config_table.py"
+    )
 
 
 def test_a_field_declared_once_is_in_the_defaults_the_checks_the_flags_and_the_docs(monkeypatch):
@@ -217,8 +254,12 @@ def test_a_field_declared_once_is_in_the_defaults_the_checks_the_flags_and_the_d
 
 
 def test_a_none_default_is_typed_on_the_command_line():
-    parsed = config_from_command_line("cifar10.py:resnet20", "--config.model.ghost_batch_size=16",
-                                      "--config.model.stride_on_3x3=True", "--config.schedule.epochs=2")
+    parsed = config_from_command_line(
+        "cifar10.py:resnet20",
+        "--config.model.ghost_batch_size=16",
+        "--config.model.stride_on_3x3=True",
+        "--config.schedule.epochs=2",
+    )
     model, schedule = parsed.model, parsed.schedule
     assert (model.ghost_batch_size, model.stride_on_3x3, schedule.epochs) == (16, True, 2.0)
     assert type(schedule.epochs) is float
@@ -231,8 +272,19 @@ def test_a_none_default_is_typed_on_the_command_line():
 # errors belong to another boundary (data_dir, source: DataError) are left alone.
 _ODD = {
     "seed": [0, 7, -1, 2**31, 1.5, "0", None],
-    "model.name": ["cifar_resnet8", "cifar_plain8", "cifar_preact_resnet8", "cifar_resnet7",
-                   "cifar_resnet9", "resnet19", "resnet", "", "CIFAR_RESNET8", 8, None],
+    "model.name": [
+        "cifar_resnet8",
+        "cifar_plain8",
+        "cifar_preact_resnet8",
+        "cifar_resnet7",
+        "cifar_resnet9",
+        "resnet19",
+        "resnet",
+        "",
+        "CIFAR_RESNET8",
+        8,
+        None,
+    ],
     "model.shortcut": ["A", "B", "C", "D", "a", 1, None],
     "model.zero_init_last": [True, False, 1, "True"],
     "model.width_multiplier": [0.0, -1.0, 0.01, 0.1, 0.5, 2, 65.0, math.nan, "1"],
@@ -294,16 +346,33 @@ def _mutated(base: ml_collections.ConfigDict, mutations: list[tuple[str, object]
 @pytest.fixture(scope="module")
 def cheap_base(cifar_dir) -> ml_collections.ConfigDict:
     """Two steps of ResNet-8 at batch 8 on 64 images: what every passing config runs."""
-    return tiny_config(cifar_dir, dataset__train_subset=64, dataset__eval_subset=64, batch_size=8,
-                       reference_batch_size=8, eval_batch_size=32, schedule__total_steps=2,
-                       schedule__boundaries=(1,), steps_per_dispatch=1, log_every_steps=1,
-                       eval_every_steps=2, checkpoint_every_steps=2)
+    return tiny_config(
+        cifar_dir,
+        dataset__train_subset=64,
+        dataset__eval_subset=64,
+        batch_size=8,
+        reference_batch_size=8,
+        eval_batch_size=32,
+        schedule__total_steps=2,
+        schedule__boundaries=(1,),
+        steps_per_dispatch=1,
+        log_every_steps=1,
+        eval_every_steps=2,
+        checkpoint_every_steps=2,
+    )
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(mutations=st.lists(st.sampled_from(_MUTATIONS + [_EXTRA_FIELD, _MISSING_FIELD]), min_size=2, max_size=4),
-       num_devices=st.sampled_from([1, 2, 3, 8]))
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    mutations=st.lists(st.sampled_from(_MUTATIONS + [_EXTRA_FIELD, _MISSING_FIELD]), min_size=2, max_size=4),
+    num_devices=st.sampled_from([1, 2, 3, 8]),
+)
 def test_random_configs_run_or_raise_config_error(cheap_base, tmp_path_factory, mutations, num_devices):
     tree = _mutated(cheap_base, mutations)
     try:

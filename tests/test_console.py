@@ -32,8 +32,11 @@ def absl_console(capsys):
 
 def _lines(capsys) -> list[str]:
     # absl says this once when its flags were never parsed (under pytest; app.run parses them).
-    return [line for line in capsys.readouterr().err.splitlines()
-            if line != "WARNING: Logging before flag parsing goes to stderr."]
+    return [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line != "WARNING: Logging before flag parsing goes to stderr."
+    ]
 
 
 def _emit() -> None:
@@ -61,8 +64,10 @@ def test_verbosity_brings_back_details_and_prefixes(absl_console) -> None:
 
 def test_describe_devices() -> None:
     assert describe_devices().startswith("1 CPU device (")  # this machine (conftest: one CPU device)
-    gpus = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", process_index=i // 4)
-            for i in range(8)]
+    gpus = [
+        types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", process_index=i // 4)
+        for i in range(8)
+    ]
     assert describe_devices(gpus) == "8 NVIDIA H200 GPUs over 2 processes"
     assert describe_devices(gpus[:1]) == "1 NVIDIA H200 GPU"
     cpus = [types.SimpleNamespace(platform="cpu", device_kind="cpu", process_index=0)] * 2

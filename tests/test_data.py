@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax.data import DataError
-from resnet_jax.data import augment, batching, cifar
+from resnet_jax.data import DataError, augment, batching, cifar
 from resnet_jax.data.cifar import CifarData, load_cifar10
 
 ALL_FILES = (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)
@@ -148,7 +147,9 @@ def test_bad_label_names_file_and_record(cifar_dir: Path, tmp_path: Path) -> Non
     raw[17 * cifar.RECORD_BYTES] = 10
     raw[40 * cifar.RECORD_BYTES] = 255
     (bad / cifar.TEST_FILE).write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"test_batch\.bin: record 17 .* label byte 10, allowed 0\.\.9 \(2 such"):
+    with pytest.raises(
+        DataError, match=r"test_batch\.bin: record 17 .* label byte 10, allowed 0\.\.9 \(2 such"
+    ):
         load_cifar10("binary", bad)
 
 
@@ -169,7 +170,9 @@ def test_bad_archives(archive: Path, cifar_dir: Path, tmp_path: Path) -> None:
     partial = tmp_path / "partial.tar.gz"
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(cifar_dir / cifar.META_FILE, arcname=f"{cifar.BATCHES_DIR}/{cifar.META_FILE}")
-    with pytest.raises(DataError, match=r"partial\.tar\.gz: member cifar-10-batches-bin/data_batch_1\.bin missing"):
+    with pytest.raises(
+        DataError, match=r"partial\.tar\.gz: member cifar-10-batches-bin/data_batch_1\.bin missing"
+    ):
         load_cifar10("binary", partial)
 
 
@@ -228,7 +231,9 @@ def test_tfds_source_equals_binary(
     unprepared = tmp_path / "empty"
     with pytest.raises(DataError, match=r"tfds cifar10 is not prepared in .*prepare_tfds"):
         load_cifar10("tfds", unprepared)
-    with pytest.raises(DataError, match=r"archive: .* is not an existing file named cifar-10-binary\.tar\.gz"):
+    with pytest.raises(
+        DataError, match=r"archive: .* is not an existing file named cifar-10-binary\.tar\.gz"
+    ):
         cifar.prepare_tfds(unprepared)
     # Our archive's bytes differ from the official download's (gzip headers,
     # tar metadata): tfds rejects it by its registered checksum.
@@ -303,7 +308,9 @@ def coded_images(batch: int, seed: int = 0) -> np.ndarray:
     return images
 
 
-def decode_windows(images: np.ndarray, out: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_windows(
+    images: np.ndarray, out: np.ndarray, pad: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Recovers (dy, dx, flipped) per example from the centre pixel, which no
     shift of at most 4 can push into the padding, and checks that each output is
     exactly that window of the zero-padded input."""
@@ -315,7 +322,9 @@ def decode_windows(images: np.ndarray, out: np.ndarray, pad: int) -> tuple[np.nd
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     for b in range(len(images)):
         window = padded[b, dy[b] : dy[b] + 32, dx[b] : dx[b] + 32]
-        np.testing.assert_array_equal(out[b], window[:, ::-1] if flipped[b] else window, err_msg=f"example {b}")
+        np.testing.assert_array_equal(
+            out[b], window[:, ::-1] if flipped[b] else window, err_msg=f"example {b}"
+        )
     return dy, dx, flipped
 
 
@@ -410,7 +419,9 @@ def test_train_indices() -> None:
         np.testing.assert_array_equal(rows, batching.epoch_permutation(5, epoch, n)[:96])
     # Any window equals the same steps taken one at a time (resume from any step).
     window = batching.train_indices(5, 2, 5, batch, n)
-    np.testing.assert_array_equal(window, np.concatenate([batching.train_indices(5, s, 1, batch, n) for s in range(2, 7)]))
+    np.testing.assert_array_equal(
+        window, np.concatenate([batching.train_indices(5, s, 1, batch, n) for s in range(2, 7)])
+    )
     np.testing.assert_array_equal(window, plan[2:7])
     big = batching.train_indices(0, 0, 2000, 128, 50_000)  # ~5 epochs of CIFAR
     assert big.shape == (2000, 128)

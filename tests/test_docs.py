@@ -15,11 +15,23 @@ from _configs import ROOT
 def test_site_builds_strict_and_has_every_page(tmp_path):
     site = tmp_path / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    for page in ("index.html", "models/index.html", "reliability/index.html", "api/models/index.html",
-                 "api/train_config/index.html"):
+    for page in (
+        "index.html",
+        "models/index.html",
+        "reliability/index.html",
+        "api/models/index.html",
+        "api/train_config/index.html",
+    ):
         assert (site / page).is_file(), page
     # The API pages hold the docstrings, not just a heading: a few names they must render.
     api = (site / "api" / "models" / "index.html").read_text()

@@ -87,8 +87,9 @@ def _tar_gz(directory: str, files: dict[str, bytes], level: int = 1) -> bytes:
 
 def _spec_for(spec: download.ArchiveSpec, body: bytes) -> download.ArchiveSpec:
     """`spec` with the size and digests of our own archive (the official ones fit only the official bytes)."""
-    return dataclasses.replace(spec, size=len(body), md5=hashlib.md5(body).hexdigest(),
-                               sha256=hashlib.sha256(body).hexdigest())
+    return dataclasses.replace(
+        spec, size=len(body), md5=hashlib.md5(body).hexdigest(), sha256=hashlib.sha256(body).hexdigest()
+    )
 
 
 @pytest.fixture
@@ -109,8 +110,10 @@ def serve(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="module")
 def small_cifar10(cifar_dir: Path) -> bytes:
     """A cifar-10-binary.tar.gz holding the real test batch and class names only (fast to build)."""
-    return _tar_gz(cifar.BATCHES_DIR, {name: (cifar_dir / name).read_bytes()
-                                       for name in (cifar.TEST_FILE, cifar.META_FILE)})
+    return _tar_gz(
+        cifar.BATCHES_DIR,
+        {name: (cifar_dir / name).read_bytes() for name in (cifar.TEST_FILE, cifar.META_FILE)},
+    )
 
 
 SMALL10 = dataclasses.replace(cifar.CIFAR10_ARCHIVE, files=(cifar.TEST_FILE,))
@@ -135,7 +138,9 @@ def tfds_registered_checksums(dataset: str) -> dict[str, tuple[int, str]]:
     return {row[0]: (int(row[1]), row[2]) for row in rows}
 
 
-@pytest.mark.parametrize("dataset,spec", [("cifar10", cifar.CIFAR10_ARCHIVE), ("cifar100", cifar.CIFAR100_ARCHIVE)])
+@pytest.mark.parametrize(
+    "dataset,spec", [("cifar10", cifar.CIFAR10_ARCHIVE), ("cifar100", cifar.CIFAR100_ARCHIVE)]
+)
 def test_sizes_and_sha256_equal_what_tensorflow_datasets_registers(dataset: str, spec) -> None:
     """Read from the installed tfds package, not copied: an archive tfds accepts, we accept."""
     registered = tfds_registered_checksums(dataset)
@@ -153,9 +158,14 @@ def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert download.archive_url(cifar.CIFAR10_ARCHIVE) == cifar.BINARY_URL
 
 
-def test_download_unpacks_verifies_and_reuses(serve, server: _Server, small_cifar10: bytes,
-                                              cifar_dir: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_unpacks_verifies_and_reuses(
+    serve,
+    server: _Server,
+    small_cifar10: bytes,
+    cifar_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     spec = serve(SMALL10, small_cifar10)
     got = download.ensure_extracted(spec)
     assert got == tmp_path / "cache" / cifar.BATCHES_DIR
@@ -168,12 +178,18 @@ def test_download_unpacks_verifies_and_reuses(serve, server: _Server, small_cifa
     assert len(server.requests) == 1  # the second call read the cache only
 
 
-def test_whole_cifar10_download_through_load_cifar(serve, cifar_dir: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_cifar10_download_through_load_cifar(
+    serve, cifar_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The trainer's path: no data_dir, no $CIFAR10_DIR -> download, unpack, read the same arrays."""
-    body = _tar_gz(cifar.BATCHES_DIR, {name: (cifar_dir / name).read_bytes()
-                                       for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)},
-                   level=0)  # stored, not compressed: the same gzip container, seconds faster
+    body = _tar_gz(
+        cifar.BATCHES_DIR,
+        {
+            name: (cifar_dir / name).read_bytes()
+            for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)
+        },
+        level=0,
+    )  # stored, not compressed: the same gzip container, seconds faster
     served = serve(cifar.CIFAR10_ARCHIVE, body)
     monkeypatch.setattr(cifar, "CIFAR10", dataclasses.replace(cifar.CIFAR10, archive=served))
     monkeypatch.delenv(cifar.ENV_VAR, raising=False)
@@ -184,8 +200,9 @@ def test_whole_cifar10_download_through_load_cifar(serve, cifar_dir: Path,
     assert loaded.num_classes == 10 and loaded.class_names == reference.class_names
 
 
-def test_truncated_download_is_retried_once(serve, server: _Server, small_cifar10: bytes, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_download_is_retried_once(
+    serve, server: _Server, small_cifar10: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = serve(SMALL10, small_cifar10)
     server.plan[:] = ["truncate"]
     got = download.ensure_extracted(spec, progress=False)
@@ -194,20 +211,25 @@ def test_truncated_download_is_retried_once(serve, server: _Server, small_cifar1
     assert "deleted it, downloading once more" in capsys.readouterr().err
 
 
-def test_truncated_twice_is_one_error_and_leaves_nothing(serve, server: _Server, small_cifar10: bytes,
-                                                         tmp_path: Path) -> None:
+def test_truncated_twice_is_one_error_and_leaves_nothing(
+    serve, server: _Server, small_cifar10: bytes, tmp_path: Path
+) -> None:
     spec = serve(SMALL10, small_cifar10)
     server.plan[:] = ["truncate", "truncate"]
-    with pytest.raises(DataError, match=r"/mirror/cifar-10-binary\.tar\.gz: the download stopped after [\d,]+ of [\d,]+ bytes.*"
-                                        r"twice; download https://www\.cs\.toronto\.edu/.* unpack it into") as err:
+    with pytest.raises(
+        DataError,
+        match=r"/mirror/cifar-10-binary\.tar\.gz: the download stopped after [\d,]+ of [\d,]+ bytes.*"
+        r"twice; download https://www\.cs\.toronto\.edu/.* unpack it into",
+    ) as err:
         download.ensure_extracted(spec, progress=False)
     assert "\n" not in str(err.value)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{spec.name}.lock"]
     assert download.cached(spec) is None
 
 
-def test_checksum_mismatch_is_retried_then_an_error(serve, server: _Server, small_cifar10: bytes,
-                                                    tmp_path: Path) -> None:
+def test_checksum_mismatch_is_retried_then_an_error(
+    serve, server: _Server, small_cifar10: bytes, tmp_path: Path
+) -> None:
     spec = serve(SMALL10, small_cifar10)
     server.plan[:] = ["corrupt", "corrupt"]
     with pytest.raises(DataError, match=r"md5 [0-9a-f]{32} / sha256 [0-9a-f]{64} differ from the published"):
@@ -218,15 +240,19 @@ def test_checksum_mismatch_is_retried_then_an_error(serve, server: _Server, smal
     assert download.ensure_extracted(spec, progress=False) == tmp_path / "cache" / cifar.BATCHES_DIR
 
 
-def test_server_down_and_http_error(serve, server: _Server, small_cifar10: bytes, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_down_and_http_error(
+    serve, server: _Server, small_cifar10: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = serve(SMALL10, small_cifar10)
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     monkeypatch.setenv(download.URL_ENV, f"http://127.0.0.1:{dead}")
-    with pytest.raises(DataError, match=rf"cannot download http://127\.0\.0\.1:{dead}/cifar-10-binary\.tar\.gz "
-                                        r"\(.*refused.*\): offline\? download .* unpack it into "):
+    with pytest.raises(
+        DataError,
+        match=rf"cannot download http://127\.0\.0\.1:{dead}/cifar-10-binary\.tar\.gz "
+        r"\(.*refused.*\): offline\? download .* unpack it into ",
+    ):
         download.ensure_extracted(spec, progress=False)
     monkeypatch.setenv(download.URL_ENV, server.url + "/nothing-here")
     with pytest.raises(DataError, match=r"answered HTTP 404"):
@@ -239,8 +265,11 @@ def test_offline_trainer_error_through_load_cifar10(tmp_path: Path, monkeypatch:
     monkeypatch.delenv(cifar.ENV_VAR, raising=False)
     monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    with pytest.raises(DataError, match=r"cannot download .*offline\? download "
-                                        r"https://www\.cs\.toronto\.edu/~kriz/cifar-10-binary\.tar\.gz"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot download .*offline\? download "
+        r"https://www\.cs\.toronto\.edu/~kriz/cifar-10-binary\.tar\.gz",
+    ):
         cifar.load_cifar10("auto")
 
 
@@ -262,9 +291,12 @@ def tiny_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     rng = np.random.default_rng(0)
     train = _cifar100_files(rng, 20)
     test = _cifar100_files(rng, 10)
-    files = {cifar.CIFAR100_TRAIN: train[0], cifar.CIFAR100_TEST: test[0],
-             "fine_label_names.txt": "".join(f"fine{i}\n" for i in range(100)).encode(),
-             "coarse_label_names.txt": "".join(f"coarse{i}\n" for i in range(20)).encode()}
+    files = {
+        cifar.CIFAR100_TRAIN: train[0],
+        cifar.CIFAR100_TEST: test[0],
+        "fine_label_names.txt": "".join(f"fine{i}\n" for i in range(100)).encode(),
+        "coarse_label_names.txt": "".join(f"coarse{i}\n" for i in range(20)).encode(),
+    }
     directory = tmp_path / "c100" / cifar.CIFAR100_DIR
     directory.mkdir(parents=True)
     for name, data in files.items():
@@ -290,8 +322,9 @@ def test_cifar100_binary_layout_fine_and_coarse(tiny_cifar100) -> None:
     np.testing.assert_array_equal(split.test_labels, fine[-5:].astype(np.int32))
 
 
-def test_cifar100_archive_and_download(tiny_cifar100, serve, server: _Server,
-                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cifar100_archive_and_download(
+    tiny_cifar100, serve, server: _Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     directory, files, (_, _, fine, _), _ = tiny_cifar100
     body = _tar_gz(cifar.CIFAR100_DIR, files)
     archive = tmp_path / cifar.CIFAR100_ARCHIVE_NAME
@@ -307,8 +340,9 @@ def test_cifar100_archive_and_download(tiny_cifar100, serve, server: _Server,
     assert server.requests == [f"mirror/{cifar.CIFAR100_ARCHIVE_NAME}"]
 
 
-def test_cifar100_download_with_wrong_digest_is_refused(tiny_cifar100, serve, server: _Server,
-                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cifar100_download_with_wrong_digest_is_refused(
+    tiny_cifar100, serve, server: _Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The CIFAR-100 archive's MD5 and SHA256 are checked as CIFAR-10's are: a bad copy is fetched
     once more, then refused, and nothing is left in the cache for the reader to find."""
     _, files, _, _ = tiny_cifar100
@@ -317,16 +351,22 @@ def test_cifar100_download_with_wrong_digest_is_refused(tiny_cifar100, serve, se
     monkeypatch.setattr(cifar, "CIFAR100", dataclasses.replace(cifar.CIFAR100, archive=served))
     monkeypatch.delenv(cifar.CIFAR100_ENV_VAR, raising=False)
     server.plan[:] = ["corrupt", "corrupt"]  # same length, one byte different
-    with pytest.raises(DataError, match=r"cifar-100-binary\.tar\.gz: md5 [0-9a-f]{32} / sha256 [0-9a-f]{64} "
-                                        r"differ from the published .*twice"):
+    with pytest.raises(
+        DataError,
+        match=r"cifar-100-binary\.tar\.gz: md5 [0-9a-f]{32} / sha256 [0-9a-f]{64} "
+        r"differ from the published .*twice",
+    ):
         cifar.load_cifar("cifar100", "binary")
     assert server.requests == [f"mirror/{cifar.CIFAR100_ARCHIVE_NAME}"] * 2
     assert download.cached(served) is None and not (tmp_path / "cache" / cifar.CIFAR100_DIR).exists()
     # Our small archive against the official digests (its own size, so only the digests differ).
     official = dataclasses.replace(cifar.CIFAR100_ARCHIVE, size=len(body))
     monkeypatch.setattr(cifar, "CIFAR100", dataclasses.replace(cifar.CIFAR100, archive=official))
-    with pytest.raises(DataError, match=r"differ from the published 03b5dce01913d631647c71ecec9e9cb8 / "
-                                        r"58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"):
+    with pytest.raises(
+        DataError,
+        match=r"differ from the published 03b5dce01913d631647c71ecec9e9cb8 / "
+        r"58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+    ):
         cifar.load_cifar100("binary")
     assert download.cached(official) is None
 
@@ -336,8 +376,11 @@ def test_cifar100_bad_files(tiny_cifar100) -> None:
     raw = bytearray(files[cifar.CIFAR100_TRAIN])
     raw[3 * cifar.CIFAR100_RECORD_BYTES + 1] = 100  # record 3's fine label out of range
     (directory / cifar.CIFAR100_TRAIN).write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"train\.bin: record 3 \(0-based, byte offset 9222\) has fine label byte 100, "
-                                        r"allowed 0\.\.99 \(1 such records\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train\.bin: record 3 \(0-based, byte offset 9222\) has fine label byte 100, "
+        r"allowed 0\.\.99 \(1 such records\)",
+    ):
         cifar.load_cifar100("binary", directory)
     (directory / cifar.CIFAR100_TRAIN).write_bytes(bytes(raw[:-7]))
     with pytest.raises(DataError, match=r"not a multiple of the 3074-byte record"):
@@ -350,6 +393,7 @@ def test_cifar100_bad_files(tiny_cifar100) -> None:
 
 def test_cifar100_config() -> None:
     from _configs import load_config  # pylint: disable=import-outside-toplevel
+
     from resnet_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
 
     config = load_config("resnet56", "cifar100.py")

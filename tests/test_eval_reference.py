@@ -48,10 +48,14 @@ def test_the_reference_by_hand():
     np.testing.assert_array_equal(ex["wrong"], [1, 0, 1])
     np.testing.assert_array_equal(ex["wrong5"], [0, 0, 0])
     # The same two views as two groups of one view each (multi-scale style): the same average.
-    np.testing.assert_allclose(ref.averaged_probabilities([logits[:, :1], logits[:, 1:]]),
-                               ref.averaged_probabilities([logits]), rtol=1e-15)
+    np.testing.assert_allclose(
+        ref.averaged_probabilities([logits[:, :1], logits[:, 1:]]),
+        ref.averaged_probabilities([logits]),
+        rtol=1e-15,
+    )
     assert ref.summary([([logits], np.array([0, 1, 2]), np.array([True, True, False]))]) == pytest.approx(
-        {"loss": (np.log(3) - np.log(11 / 24)) / 2, "error": 0.5, "error_top5": 0.0, "count": 2})
+        {"loss": (np.log(3) - np.log(11 / 24)) / 2, "error": 0.5, "error_top5": 0.0, "count": 2}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +74,14 @@ def _reader(num_classes: int):
 
 
 def _state(num_classes: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params={}, batch_stats={}, opt_state=(),
-                      apply_fn=_reader(num_classes), tx=None)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params={},
+        batch_stats={},
+        opt_state=(),
+        apply_fn=_reader(num_classes),
+        tx=None,
+    )
 
 
 def _as_views(logits: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
@@ -187,13 +197,25 @@ N_VAL, EVAL_BATCH = 6, 4  # two eval batches, the second with 2 padding rows
 # A CIFAR-stem ResNet-8 at half width on 32 px crops of the JPEGs (any model reads any image
 # size): a fraction of ResNet-18's compile time. One training step with BN frozen.
 TINY = {
-    "model.name": "cifar_resnet8", "model.width_multiplier": 0.5, "model.bn_frozen": True,
-    "dataset.name": "image_folder", "dataset.image_size": 32, "dataset.scale_range": (36, 44),
-    "dataset.eval_resize": 36, "dataset.eval_scales": (32, 40),
-    "batch_size": 8, "reference_batch_size": 8, "eval_batch_size": EVAL_BATCH,
+    "model.name": "cifar_resnet8",
+    "model.width_multiplier": 0.5,
+    "model.bn_frozen": True,
+    "dataset.name": "image_folder",
+    "dataset.image_size": 32,
+    "dataset.scale_range": (36, 44),
+    "dataset.eval_resize": 36,
+    "dataset.eval_scales": (32, 40),
+    "batch_size": 8,
+    "reference_batch_size": 8,
+    "eval_batch_size": EVAL_BATCH,
     "optimizer.learning_rate": 1e-4,
-    "schedule.total_steps": 1, "schedule.epochs": None, "schedule.boundary_epochs": (),
-    "steps_per_dispatch": 1, "log_every_steps": 1, "eval_every_steps": 1, "checkpoint_every_steps": 1,
+    "schedule.total_steps": 1,
+    "schedule.epochs": None,
+    "schedule.boundary_epochs": (),
+    "steps_per_dispatch": 1,
+    "log_every_steps": 1,
+    "eval_every_steps": 1,
+    "checkpoint_every_steps": 1,
     "tensorboard": False,
 }
 PROTOCOLS = ("center", "ten_crop", "multi_scale")
@@ -203,8 +225,12 @@ VIEWS = {"center": 1, "ten_crop": 10, "multi_scale": 4}  # multi_scale: 2 views 
 
 def tiny_config(folder, protocol: str, **extra):
     config = load_config("resnet18", "imagenet.py")
-    for dotted, value in {**TINY, "dataset.data_dir": str(folder), "dataset.eval_protocol": protocol,
-                          **extra}.items():
+    for dotted, value in {
+        **TINY,
+        "dataset.data_dir": str(folder),
+        "dataset.eval_protocol": protocol,
+        **extra,
+    }.items():
         node = config
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -273,8 +299,11 @@ def start_weights(folder, val_labels, tmp_path_factory):
     _, bias = _head(variables["params"])
     params = _edit(variables["params"], bias, lambda b: b + boost)
     record = {"format": 1, "model": "cifar_resnet8", "model_overrides": {"width_multiplier": 0.5}}
-    return weights.save_converted(tmp_path_factory.mktemp("start") / "weights",
-                                  {"params": params, "batch_stats": variables["batch_stats"]}, record)
+    return weights.save_converted(
+        tmp_path_factory.mktemp("start") / "weights",
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        record,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +315,11 @@ def runs(folder, start_weights, tmp_path_factory):
     out = {}
     for protocol in PROTOCOLS:
         workdir = tmp_path_factory.mktemp(protocol) / "run"
-        loop.train_and_evaluate(tiny_config(folder, protocol, init_from=str(start_weights)), str(workdir),
-                                load_weights=weights.load_for_init)
+        loop.train_and_evaluate(
+            tiny_config(folder, protocol, init_from=str(start_weights)),
+            str(workdir),
+            load_weights=weights.load_for_init,
+        )
         out[protocol] = workdir
     return out
 
@@ -305,13 +337,21 @@ def _reference_from_run(folder, workdir, protocol):
     variables, _ = weights.load_variables(workdir)
     apply = jax.jit(functools.partial(config_lib.build_model(config, 1000).apply, train=False))
     batches = []
-    pipeline = imagenet.eval_batches(sources.imagenet_spec(d), protocol=protocol,
-                                     per_process_batch=EVAL_BATCH, process_index=0, process_count=1,
-                                     image_size=d.image_size, resize_size=d.eval_resize,
-                                     scales=tuple(d.eval_scales))
+    pipeline = imagenet.eval_batches(
+        sources.imagenet_spec(d),
+        protocol=protocol,
+        per_process_batch=EVAL_BATCH,
+        process_index=0,
+        process_count=1,
+        image_size=d.image_size,
+        resize_size=d.eval_resize,
+        scales=tuple(d.eval_scales),
+    )
     for batch in pipeline:
-        groups = [np.asarray(apply(variables, g.reshape(-1, *g.shape[2:]))).reshape(*g.shape[:2], -1)
-                  for g in batch["views"]]
+        groups = [
+            np.asarray(apply(variables, g.reshape(-1, *g.shape[2:]))).reshape(*g.shape[:2], -1)
+            for g in batch["views"]
+        ]
         batches.append((groups, batch["label"], batch["mask"]))
     assert len(batches) == 2 and sum(int(m.sum()) for _, _, m in batches) == N_VAL
     assert sum(g.shape[1] for g in batches[0][0]) == VIEWS[protocol]
@@ -377,8 +417,14 @@ def evaluated(folder, runs):
     subprocess (the script defines absl flags that another test's in-process import of
     resnet_jax.main would clash with)."""
     workdirs = json.dumps({p: str(w) for p, w in runs.items()})
-    proc = subprocess.run([sys.executable, "-c", _EVALUATE, str(folder), workdirs], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EVALUATE, str(folder), workdirs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -415,8 +461,14 @@ def test_cifar_evaluation_matches_the_reference(cifar_dir):
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
     variables = _numpy_init(abstract, head_std=0.5, seed=1)
     source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state=(), apply_fn=model.apply, tx=None)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=(),
+        apply_fn=model.apply,
+        tx=None,
+    )
     record = steps.summarize_eval(source.evaluate(jax.device_put(state, parallel.replicated(mesh))))
 
     images = augment.eval_batch(source.data.test.images, source.data.mean, source.data.std, dtype=jnp.float32)

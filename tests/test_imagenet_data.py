@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from _imagenet import SAMPLES_DIR, make_image_folder, samples
 from PIL import Image
 
-from _imagenet import SAMPLES_DIR, make_image_folder, samples
-from resnet_jax.data import DataError
+from resnet_jax.data import DataError, imagenet
 from resnet_jax.data import image_transforms as T
-from resnet_jax.data import imagenet
 
 MEAN = np.asarray(imagenet.MEAN_RGB, np.float32)
 STD = np.asarray(imagenet.STD_RGB, np.float32)
@@ -50,10 +49,12 @@ def sample(name_part: str) -> Path:
 
 
 def test_package_imports_and_lists_a_folder_without_tensorflow(folder):
-    code = ("import sys; sys.modules['tensorflow'] = None\n"
-            "from resnet_jax.data import imagenet as I\n"
-            f"s = I.ImageNetSpec('folder', {str(folder)!r}); I.check(s)\n"
-            "print(I.num_examples(s, 'train'), I.num_examples(s, 'eval'), I.num_eval_batches(s, 3, 2))")
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "from resnet_jax.data import imagenet as I\n"
+        f"s = I.ImageNetSpec('folder', {str(folder)!r}); I.check(s)\n"
+        "print(I.num_examples(s, 'train'), I.num_examples(s, 'eval'), I.num_eval_batches(s, 3, 2))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["100", "7", "2"]
 
@@ -76,11 +77,17 @@ def test_missing_data_names_the_path_and_how_to_prepare(tmp_path):
     with pytest.raises(DataError, match="ILSVRC2012_img_train.tar.*tfds build imagenet2012"):
         imagenet.check(imagenet.ImageNetSpec("tfds", str(tmp_path / "tfds")))
     with pytest.raises(ValueError, match="protocol"):
-        imagenet.eval_batches(imagenet.ImageNetSpec("folder", str(tmp_path)), protocol="five", per_process_batch=1,
-                              process_index=0, process_count=1)
+        imagenet.eval_batches(
+            imagenet.ImageNetSpec("folder", str(tmp_path)),
+            protocol="five",
+            per_process_batch=1,
+            process_index=0,
+            process_count=1,
+        )
 
 
 # ---------------------------------------------------------------------------- train pipeline
+
 
 def test_train_resume_and_two_processes_equal_one(spec):
     kw = dict(seed=3, global_batch=8, transform="paper")
@@ -96,19 +103,31 @@ def test_train_resume_and_two_processes_equal_one(spec):
     assert {int(y) for b in steps for y in b["label"]} <= labels
     assert len({int(y) for b in steps for y in b["label"]}) == 24  # one epoch's permutation: no repeats
     # Resumed at step 1, as two processes: rows [0, 4) and [4, 8) of each global batch.
-    halves = [imagenet.train_batches(spec, start_step=1, process_index=p, process_count=2, **kw) for p in (0, 1)]
+    halves = [
+        imagenet.train_batches(spec, start_step=1, process_index=p, process_count=2, **kw) for p in (0, 1)
+    ]
     for step in (1, 2):
         parts = [next(h) for h in halves]
         np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), steps[step]["label"])
-        np.testing.assert_allclose(np.concatenate([p["image"] for p in parts]), steps[step]["image"], atol=1e-5)
-    other_seed = next(imagenet.train_batches(spec, start_step=0, process_index=0, process_count=1,
-                                             **{**kw, "seed": 4}))
+        np.testing.assert_allclose(
+            np.concatenate([p["image"] for p in parts]), steps[step]["image"], atol=1e-5
+        )
+    other_seed = next(
+        imagenet.train_batches(spec, start_step=0, process_index=0, process_count=1, **{**kw, "seed": 4})
+    )
     assert not np.array_equal(other_seed["label"], steps[0]["label"])
 
 
 def test_inception_train_batches(spec):
-    kw = dict(seed=0, start_step=5, global_batch=4, process_index=0, process_count=1, transform="inception",
-              image_size=128)
+    kw = dict(
+        seed=0,
+        start_step=5,
+        global_batch=4,
+        process_index=0,
+        process_count=1,
+        transform="inception",
+        image_size=128,
+    )
     a, b = next(imagenet.train_batches(spec, **kw)), next(imagenet.train_batches(spec, **kw))
     assert a["image"].shape == (4, 128, 128, 3) and a["image"].dtype == np.float32
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -118,10 +137,13 @@ def test_inception_train_batches(spec):
 
 # ---------------------------------------------------------------------------- train transforms
 
+
 def test_paper_scale_range_spans_256_to_480():
     @tf.function
     def draw(i):
-        shorter, resized, crop, _, _ = T.paper_params(tf.stack([tf.constant(7, tf.int64), i]), tf.constant([333, 500]))
+        shorter, resized, crop, _, _ = T.paper_params(
+            tf.stack([tf.constant(7, tf.int64), i]), tf.constant([333, 500])
+        )
         return tf.stack([shorter, *resized, *crop])
 
     draws = np.array([draw(tf.constant(i, tf.int64)).numpy() for i in range(600)])
@@ -153,8 +175,11 @@ def test_paper_transform_is_crop_of_resized_image_then_flip_and_pca():
 
 
 def test_inception_crop_covers_8_to_100_percent():
-    window = tf.function(lambda i: tf.stack(T.inception_window(tf.stack([tf.constant(2, tf.int64), i]),
-                                                                 tf.constant([400, 600]))))
+    window = tf.function(
+        lambda i: tf.stack(
+            T.inception_window(tf.stack([tf.constant(2, tf.int64), i]), tf.constant([400, 600]))
+        )
+    )
     top, left, h, w = np.array([window(tf.constant(i, tf.int64)).numpy() for i in range(300)]).T
     area = h * w / (400 * 600)
     # The largest 4:3 box in a 3:2 image covers 8/9 of it.
@@ -187,6 +212,7 @@ def test_inception_output_is_the_resized_crop_window():
 
 
 # ---------------------------------------------------------------------------- odd files
+
 
 def make_odd_files(tmp_path) -> dict[str, Path]:
     src = Image.open(sample("tiger_shark"))
@@ -284,9 +310,12 @@ def test_bad_training_rows_take_the_next_good_row_of_their_batch():
 
 # ---------------------------------------------------------------------------- evaluation
 
+
 def test_every_eval_image_counted_once_over_processes(spec, folder):
-    per_process = [list(imagenet.eval_batches(spec, per_process_batch=2, process_index=p, process_count=3))
-                   for p in range(3)]
+    per_process = [
+        list(imagenet.eval_batches(spec, per_process_batch=2, process_index=p, process_count=3))
+        for p in range(3)
+    ]
     assert [len(b) for b in per_process] == [imagenet.num_eval_batches(spec, 2, 3)] * 3 == [2, 2, 2]
     labels = [int(y) for batches in per_process for b in batches for y, m in zip(b["label"], b["mask"]) if m]
     val = [int(r["label_index"]) for r in samples()[-7:]]
@@ -312,8 +341,11 @@ def test_ten_crop_views_are_corners_centre_and_flips_of_the_resized_image():
 
 def test_multi_scale_gives_each_image_two_views_per_scale(spec):
     scales = (224, 256, 384, 480, 640)
-    batches = list(imagenet.eval_batches(spec, protocol="multi_scale", per_process_batch=4, process_index=1,
-                                         process_count=2))
+    batches = list(
+        imagenet.eval_batches(
+            spec, protocol="multi_scale", per_process_batch=4, process_index=1, process_count=2
+        )
+    )
     assert len(batches) == 1 and batches[0]["mask"].tolist() == [True, True, True, False]
     assert [v.shape for v in batches[0]["views"]] == [(4, 2, s, s, 3) for s in scales]
     path = sample("common_newt")
@@ -342,13 +374,18 @@ TORCHVISION_REFERENCE = textwrap.dedent("""
 
 def test_eval_transforms_equal_torchvision_resize_centercrop_normalize(tmp_path):
     rows = samples()
+
     # 9 images: tall and wide, 2 grayscale, the smallest (upscaled) and the largest.
     def side(r):
         return min(int(r["width"]), int(r["height"]))
 
-    chosen = rows[::20] + [r for r in rows if r["mode"] == "L"][:2] + [min(rows, key=side), max(rows, key=side)]
+    chosen = (
+        rows[::20] + [r for r in rows if r["mode"] == "L"][:2] + [min(rows, key=side), max(rows, key=side)]
+    )
     paths = [str(SAMPLES_DIR / r["filename"]) for r in chosen]
-    subprocess.run([sys.executable, "-c", TORCHVISION_REFERENCE, str(tmp_path / "ref.npz"), *paths], check=True)
+    subprocess.run(
+        [sys.executable, "-c", TORCHVISION_REFERENCE, str(tmp_path / "ref.npz"), *paths], check=True
+    )
     ref = np.load(tmp_path / "ref.npz")
     center_diff, ten_diff = [], []
     for i, path in enumerate(paths):
@@ -364,12 +401,15 @@ def test_eval_transforms_equal_torchvision_resize_centercrop_normalize(tmp_path)
 
 # ---------------------------------------------------------------------------- tfds
 
+
 def test_tfds_imagenet2012_end_to_end_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder("imagenet2012", data_dir=str(tmp_path))
-    splits = [tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
-              for name, n in (("train", 24), ("validation", 10))]
+    splits = [
+        tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
+        for name, n in (("train", 24), ("validation", 10))
+    ]
     builder.info.set_splits(tfds.core.SplitDict(splits))
     Path(builder.data_dir).mkdir(parents=True)
     builder.info.write_to_directory(builder.data_dir)  # split sizes for num_examples
@@ -377,7 +417,9 @@ def test_tfds_imagenet2012_end_to_end_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
         imagenet.check(spec)
         assert imagenet.num_examples(spec, "train") == 24 and len(imagenet.class_names(spec)) == 1000
-        kw = dict(seed=1, global_batch=8, process_index=0, process_count=1, transform="inception", image_size=64)
+        kw = dict(
+            seed=1, global_batch=8, process_index=0, process_count=1, transform="inception", image_size=64
+        )
         run = imagenet.train_batches(spec, start_step=0, **kw)
         steps = [next(run) for _ in range(4)]  # crosses the epoch boundary (3 steps per epoch)
         resumed = next(imagenet.train_batches(spec, start_step=2, **kw))

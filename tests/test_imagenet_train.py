@@ -11,20 +11,30 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from _configs import ROOT, load_config
 from _imagenet import make_image_folder, samples
 from _workdirs import final_arrays
+
 from resnet_jax.train import loop, sources
 from resnet_jax.train.metrics import read_metrics
 
 OVERRIDES = {
-    "dataset.name": "image_folder", "dataset.image_size": 64, "dataset.scale_range": (72, 96),
-    "dataset.eval_resize": 72, "dataset.eval_protocol": "ten_crop",
-    "batch_size": 16, "reference_batch_size": 16, "eval_batch_size": 8,
+    "dataset.name": "image_folder",
+    "dataset.image_size": 64,
+    "dataset.scale_range": (72, 96),
+    "dataset.eval_resize": 72,
+    "dataset.eval_protocol": "ten_crop",
+    "batch_size": 16,
+    "reference_batch_size": 16,
+    "eval_batch_size": 8,
     # 100 images, 6 steps an epoch: 24 steps, the rate divided by 10 at step 18.
-    "schedule.epochs": 4.0, "schedule.boundary_epochs": (3.0,), "steps_per_dispatch": 4, "log_every_steps": 4,
-    "eval_every_steps": 24, "checkpoint_every_steps": 8, "tensorboard": False,
+    "schedule.epochs": 4.0,
+    "schedule.boundary_epochs": (3.0,),
+    "steps_per_dispatch": 4,
+    "log_every_steps": 4,
+    "eval_every_steps": 24,
+    "checkpoint_every_steps": 8,
+    "tensorboard": False,
 }
 
 
@@ -48,12 +58,28 @@ def folder(tmp_path_factory):
 def cli_run(folder, tmp_path_factory):
     """The README's command line, with small overrides."""
     workdir = tmp_path_factory.mktemp("cli") / "run"
-    flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "dataset.data_dir": folder}.items()
-             if not isinstance(v, tuple)]
+    flags = [
+        f"--config.{k}={v}"
+        for k, v in {**OVERRIDES, "dataset.data_dir": folder}.items()
+        if not isinstance(v, tuple)
+    ]
     flags += ["--config.dataset.scale_range=(72,96)", "--config.schedule.boundary_epochs=(3.0,)"]
-    proc = subprocess.run([sys.executable, "-m", "resnet_jax.main", "--config", "configs/imagenet.py:resnet18",
-                           "--workdir", str(workdir), *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resnet_jax.main",
+            "--config",
+            "configs/imagenet.py:resnet18",
+            "--workdir",
+            str(workdir),
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc
 
@@ -71,7 +97,11 @@ def test_resnet18_trains_on_a_folder_from_the_command_line(cli_run):
     results = json.loads((workdir / "results.json").read_text())
     assert results["dataset"] == "image_folder" and results["steps"] == 24
     assert results["params"] == 11_689_512  # ResNet-18 with its 1000-way head
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["16", "24", "8"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "16",
+        "24",
+        "8",
+    ]
 
 
 def test_folder_dataset_is_described_before_anything_compiles(folder):
@@ -125,20 +155,32 @@ def test_resume_after_a_crash_sees_the_same_examples(folder, tmp_path, monkeypat
     assert [r["step"] for r in records if r["split"] == "train"] == [4, 8, 12, 16, 20, 24]
     losses = {r["step"]: r["loss"] for r in read_metrics(straight / "metrics.jsonl") if r["split"] == "train"}
     assert [losses[r["step"]] for r in records if r["split"] == "train"] == [
-        r["loss"] for r in records if r["split"] == "train"]
+        r["loss"] for r in records if r["split"] == "train"
+    ]
 
 
 def test_evaluate_script_reproduces_the_runs_evaluation_and_runs_other_protocols(cli_run, folder, tmp_path):
     workdir, _ = cli_run
     (ev,) = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "validation"]
-    base = [sys.executable, "scripts/evaluate.py", "--config", "configs/imagenet.py:resnet18",
-            "--workdir", str(workdir), "--config.dataset.name=image_folder",
-            f"--config.dataset.data_dir={folder}", "--config.dataset.image_size=64",
-            "--config.dataset.scale_range=(72,96)", "--config.dataset.eval_resize=72", "--config.eval_batch_size=8"]
+    base = [
+        sys.executable,
+        "scripts/evaluate.py",
+        "--config",
+        "configs/imagenet.py:resnet18",
+        "--workdir",
+        str(workdir),
+        "--config.dataset.name=image_folder",
+        f"--config.dataset.data_dir={folder}",
+        "--config.dataset.image_size=64",
+        "--config.dataset.scale_range=(72,96)",
+        "--config.dataset.eval_resize=72",
+        "--config.eval_batch_size=8",
+    ]
     out = {}
     for protocol in ("ten_crop", "center"):
-        proc = subprocess.run(base + [f"--protocol={protocol}"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            base + [f"--protocol={protocol}"], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[protocol] = json.loads((workdir / f"eval_{protocol}.json").read_text())
         assert json.loads(proc.stdout) == out[protocol]
@@ -146,8 +188,13 @@ def test_evaluate_script_reproduces_the_runs_evaluation_and_runs_other_protocols
     # Same weights, same protocol, same images: the trainer's own evaluation, to round-off.
     assert out["ten_crop"]["top1_error"] == ev["error"]
     assert out["ten_crop"]["loss"] == pytest.approx(ev["loss"], rel=1e-5)
-    bad = subprocess.run(base[:4] + ["--checkpoint", str(tmp_path / "nothing")] + base[6:], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        base[:4] + ["--checkpoint", str(tmp_path / "nothing")] + base[6:],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "nothing" in bad.stderr
 
 
@@ -160,11 +207,34 @@ def test_two_processes_read_halves_that_make_the_one_process_batch(folder, tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT / "tests"))
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_imagenet_worker.py"), json.dumps(
-        {"port": port, "process_id": i, "num_processes": 2, "folder": str(folder), "out": str(tmp_path / "two.npz")})],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT / "tests"),
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "_imagenet_worker.py"),
+                json.dumps(
+                    {
+                        "port": port,
+                        "process_id": i,
+                        "num_processes": 2,
+                        "folder": str(folder),
+                        "out": str(tmp_path / "two.npz"),
+                    }
+                ),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         for p in procs:
             _, err = p.communicate(timeout=600)
@@ -180,9 +250,18 @@ def test_two_processes_read_halves_that_make_the_one_process_batch(folder, tmp_p
     config = small_config(folder)
     spec = sources.imagenet_spec(config.dataset)
     d = config.dataset
-    one = imagenet.train_batches(spec, seed=config.seed, start_step=3, global_batch=config.batch_size,
-                                 process_index=0, process_count=1, image_size=d.image_size,
-                                 transform=d.train_transform, scale_range=tuple(d.scale_range), pca_std=d.pca_std)
+    one = imagenet.train_batches(
+        spec,
+        seed=config.seed,
+        start_step=3,
+        global_batch=config.batch_size,
+        process_index=0,
+        process_count=1,
+        image_size=d.image_size,
+        transform=d.train_transform,
+        scale_range=tuple(d.scale_range),
+        pca_std=d.pca_std,
+    )
     for i in range(2):
         batch = next(one)
         np.testing.assert_array_equal(two[f"label{i}"], batch["label"])

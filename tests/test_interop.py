@@ -24,6 +24,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from _workdirs import final_arrays
 from PIL import Image
 
 import resnet_jax
@@ -32,8 +33,6 @@ from resnet_jax.interop import layout, torch_files, weights
 from resnet_jax.interop.layout import ConversionError
 from resnet_jax.interop.nnx import to_nnx
 from resnet_jax.train.metrics import read_metrics
-
-from _workdirs import final_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "datasets" / "imagenet-samples"
@@ -49,8 +48,17 @@ def images() -> np.ndarray:
     with open(SAMPLES / "manifest.csv", newline="") as f:
         names = [row["filename"] for row in csv.DictReader(f)][:2]
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    out = [(np.asarray(Image.open(SAMPLES / n).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR),
-                       np.float32) / 255 - mean) / std for n in names]
+    out = [
+        (
+            np.asarray(
+                Image.open(SAMPLES / n).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float32
+            )
+            / 255
+            - mean
+        )
+        / std
+        for n in names
+    ]
     return np.stack(out).astype(np.float32)
 
 
@@ -91,8 +99,9 @@ def assert_close(ours: np.ndarray, reference: np.ndarray) -> None:
     assert np.abs(ours - reference).max() <= 1e-4 * scale
 
 
-def check_round_trip(net: torch.nn.Module, fresh: torch.nn.Module, arch: str, depth: int,
-                     x: np.ndarray) -> None:
+def check_round_trip(
+    net: torch.nn.Module, fresh: torch.nn.Module, arch: str, depth: int, x: np.ndarray
+) -> None:
     reference = torch_logits(net, x)
     variables = layout.from_state_dict(numpy_sd(net), arch)
     assert_close(jax_logits(depth, variables, x), reference)
@@ -124,8 +133,11 @@ def test_v1_and_v2_weights_have_the_converted_layout(depth):
     tags = {w.name for w in enum}
     assert "IMAGENET1K_V1" in tags and (depth < 50 or "IMAGENET1K_V2" in tags)
     shapes = layout.expected_shapes(f"resnet{depth}", 1000)
-    count = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith("num_batches_tracked")
-                and "running" not in k)
+    count = sum(
+        int(np.prod(s))
+        for k, s in shapes.items()
+        if not k.endswith("num_batches_tracked") and "running" not in k
+    )
     assert {w.meta["num_params"] for w in enum} == {count}
 
 
@@ -136,8 +148,12 @@ def test_features_equal_torchvision_stages(images):
     model = layout.build_target("resnet18")
     ours = model.apply(variables, images, method="features")
     taken = {}
-    hooks = [getattr(net, f"layer{i}").register_forward_hook(
-        lambda m, i_, o, i=i: taken.__setitem__(f"stage{i}", o)) for i in range(1, 5)]
+    hooks = [
+        getattr(net, f"layer{i}").register_forward_hook(
+            lambda m, i_, o, i=i: taken.__setitem__(f"stage{i}", o)
+        )
+        for i in range(1, 5)
+    ]
     hooks.append(net.relu.register_forward_hook(lambda m, i_, o: taken.__setitem__("stem", o)))
     torch_logits(net, images)
     for h in hooks:
@@ -180,8 +196,9 @@ def test_pretrained_one_liner_on_a_pth_and_nnx_wrapper(r18, images):
     linen = np.asarray(model.apply(variables, images, train=False))
     assert_close(linen, torch_logits(net, images))
     nnx_model = to_nnx(model, variables)
-    np.testing.assert_allclose(np.asarray(nnx_model(jnp.asarray(images), train=False)), linen,
-                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nnx_model(jnp.asarray(images), train=False)), linen, rtol=1e-6, atol=1e-5
+    )
     del variables["batch_stats"]["stem_bn"]
     with pytest.raises(ConversionError, match="batch_stats/stem_bn/mean"):
         to_nnx(model, variables)
@@ -248,6 +265,7 @@ def test_timm_resnet26_file_round_trips_through_a_checkpoint(tmp_path):
     assert "stage4_block3" not in variables["params"] and "conv3" in variables["params"]["stage4_block2"]
     assert convert.main([str(tmp_path / "conv"), str(tmp_path / "back.safetensors")]) == 0
     from safetensors.torch import load_file
+
     timm.create_model("resnet26").load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
 
 
@@ -259,8 +277,9 @@ def test_timm_deep_stem_variants_are_refused_by_name(tmp_path):
         weights.convert_file(tmp_path / "r18d.pth")
 
 
-@pytest.mark.parametrize("name,suffix", [("resnet50c", "c"), ("resnet50s", "s"), ("resnet26t", "t"),
-                                         ("resnet101d", "d")])
+@pytest.mark.parametrize(
+    "name,suffix", [("resnet50c", "c"), ("resnet50s", "s"), ("resnet26t", "t"), ("resnet101d", "d")]
+)
 def test_every_timm_variant_suffix_is_refused_by_name(name, suffix):
     with pytest.raises(ConversionError, match=rf"'{name}'.*'{suffix}'.*deep stem"):
         layout.parse_arch(f"timm:{name}")
@@ -289,7 +308,8 @@ def test_importing_the_package_and_converting_safetensors_never_imports_torch(r1
         "from resnet_jax import convert\n"
         f"assert convert.main([{str(path)!r}, {str(tmp_path / 'conv')!r}]) == 0\n"
         f"assert convert.main([{str(tmp_path / 'conv')!r}, {str(tmp_path / 'back.safetensors')!r}]) == 0\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n")
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -299,11 +319,12 @@ def test_importing_the_package_and_converting_safetensors_never_imports_torch(r1
 def test_export_refuses_another_bn_epsilon(tmp_path):
     """torchvision's BN has epsilon 1e-5: weights trained with another one mean something else."""
     model = models.build_model("resnet18", num_classes=3, stride_on_3x3=True, bn_epsilon=1e-3)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                  train=False))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
-    record = {"model": "resnet18", "model_overrides": {"num_classes": 3, "stride_on_3x3": True,
-                                                       "bn_epsilon": 1e-3}}
+    record = {
+        "model": "resnet18",
+        "model_overrides": {"num_classes": 3, "stride_on_3x3": True, "bn_epsilon": 1e-3},
+    }
     weights.save_converted(tmp_path / "eps", variables, record)
     with pytest.raises(ConversionError, match=r"bn_epsilon=0\.001.*bn_epsilon=1e-05"):
         weights.export_state_dict(tmp_path / "eps", "resnet18")
@@ -316,8 +337,7 @@ def test_export_refuses_another_bn_epsilon(tmp_path):
 def test_weights_of_another_meaning_are_refused(tmp_path):
     """Same shapes, different meaning: the paper's ResNet-50 has its stride on the 1x1."""
     model = models.build_model("resnet50", num_classes=3)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                  train=False))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
     record = {"model": "resnet50", "model_overrides": {"num_classes": 3}}
     weights.save_converted(tmp_path / "paper50", variables, record)
@@ -332,8 +352,11 @@ def test_weights_of_another_meaning_are_refused(tmp_path):
 
 def test_torch_is_imported_only_by_the_converter(monkeypatch, r18, tmp_path):
     package = Path(resnet_jax.__file__).parent
-    importers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
-                       if re.search(r"^\s*(import\s+torch|from\s+torch\S*\s+import)", p.read_text(), re.M))
+    importers = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if re.search(r"^\s*(import\s+torch|from\s+torch\S*\s+import)", p.read_text(), re.M)
+    )
     assert importers == ["interop/torch_files.py"]
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     sd, _ = torch_files.load_state_dict(r18[1])  # reading a .pth needs no torch (interop/pth.py)
@@ -351,14 +374,15 @@ def test_init_from_keeps_a_fresh_head_and_refuses_other_mismatches(r18):
     got = weights.init_variables_from(pth, target, log=lines.append)
     assert any("params/head/kernel (512, 1000) -> (512, 10)" in line for line in lines)
     np.testing.assert_array_equal(got["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
-    np.testing.assert_array_equal(got["params"]["stem_conv"]["kernel"],
-                                  net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(got["batch_stats"]["stage4_block2"]["bn2"]["var"],
-                                  net.layer4[1].bn2.running_var.numpy())
+    np.testing.assert_array_equal(
+        got["params"]["stem_conv"]["kernel"], net.conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        got["batch_stats"]["stage4_block2"]["bn2"]["var"], net.layer4[1].bn2.running_var.numpy()
+    )
     assert jax.tree.structure(got) == jax.tree.structure(target)
     other = models.build_model("resnet34", num_classes=10)
-    other_vars = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                   train=False))
+    other_vars = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     with pytest.raises(ConversionError, match="stage1_block3/.* missing"):
         weights.init_variables_from(pth, other_vars, log=lines.append)
 
@@ -367,24 +391,31 @@ def test_bn_frozen_uses_and_keeps_running_statistics():
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 3 + 1
     frozen = models.build_model("cifar_resnet8", bn_frozen=True)
     variables = frozen.init(jax.random.key(1), x, train=False)
-    variables = {"params": variables["params"],
-                 "batch_stats": jax.tree.map(lambda a: a + 0.3, variables["batch_stats"])}
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda a: a + 0.3, variables["batch_stats"]),
+    }
     out, updated = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_array_equal(out, frozen.apply(variables, x, train=False))
     jax.tree.map(np.testing.assert_array_equal, updated["batch_stats"], variables["batch_stats"])
     live = models.build_model("cifar_resnet8")
     out_live, moved = live.apply(variables, x, train=True, mutable=["batch_stats"])
     assert not np.allclose(out_live, out)
-    assert not np.allclose(moved["batch_stats"]["stem_bn"]["mean"],
-                           variables["batch_stats"]["stem_bn"]["mean"])
+    assert not np.allclose(
+        moved["batch_stats"]["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"]
+    )
+
     # Scale and bias still train: their gradients are those of BN with fixed statistics.
     def loss(params):
         logits, _ = frozen.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.sum(logits * jnp.arange(logits.shape[-1]))
 
     grads = jax.grad(loss)(variables["params"])
-    bn = [g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
-          if path[-2].key.startswith(("bn", "stem_bn")) and path[-1].key in ("scale", "bias")]
+    bn = [
+        g
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+        if path[-2].key.startswith(("bn", "stem_bn")) and path[-1].key in ("scale", "bias")
+    ]
     assert len(bn) == 2 * 7 and all(float(jnp.abs(g).max()) > 0 for g in bn)
     with pytest.raises(ValueError, match="bn_frozen"):
         models.build_model("cifar_resnet8", bn_frozen=1)
@@ -395,15 +426,31 @@ def test_converted_model_fine_tunes_on_cifar10_through_the_command_line(r18, cif
     net, pth = r18
     assert convert.main([str(pth), str(tmp_path / "conv")]) == 0
     workdir = tmp_path / "ft"
-    flags = {"init_from": tmp_path / "conv", "dataset.data_dir": cifar_dir,
-             "dataset.source": "binary", "dataset.train_subset": 1024, "dataset.eval_subset": 100,
-             "batch_size": 32, "reference_batch_size": 32, "eval_batch_size": 100,
-             "optimizer.learning_rate": 0.02, "schedule.total_steps": 40, "steps_per_dispatch": 10,
-             "log_every_steps": 10, "eval_every_steps": 40, "checkpoint_every_steps": 40,
-             "tensorboard": False}
-    cmd = [sys.executable, "-m", "resnet_jax.main",
-           f"--config={ROOT / 'configs' / 'finetune_cifar10.py'}:resnet18", f"--workdir={workdir}",
-           *(f"--config.{k}={v}" for k, v in flags.items())]
+    flags = {
+        "init_from": tmp_path / "conv",
+        "dataset.data_dir": cifar_dir,
+        "dataset.source": "binary",
+        "dataset.train_subset": 1024,
+        "dataset.eval_subset": 100,
+        "batch_size": 32,
+        "reference_batch_size": 32,
+        "eval_batch_size": 100,
+        "optimizer.learning_rate": 0.02,
+        "schedule.total_steps": 40,
+        "steps_per_dispatch": 10,
+        "log_every_steps": 10,
+        "eval_every_steps": 40,
+        "checkpoint_every_steps": 40,
+        "tensorboard": False,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "resnet_jax.main",
+        f"--config={ROOT / 'configs' / 'finetune_cifar10.py'}:resnet18",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "params/head/kernel (512, 1000) -> (512, 10)" in run.stderr
@@ -429,12 +476,20 @@ def test_input_size_resizes_inside_the_model():
     assert feats["stage4"].shape == (2, 2, 2, 512)  # 64 / 32, not 32 / 32
     # The resize computed outside the model and outside JAX: torch's bilinear upsampling
     # (half-pixel centres, edge clamping), which is what 'bilinear' means for upsampling.
-    big = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(small)).permute(0, 3, 1, 2),
-                                          size=(64, 64), mode="bilinear", align_corners=False)
+    big = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(small)).permute(0, 3, 1, 2),
+        size=(64, 64),
+        mode="bilinear",
+        align_corners=False,
+    )
     big = jnp.asarray(big.permute(0, 2, 3, 1).numpy())
     assert float(jnp.abs(big - jax.image.resize(small, big.shape, "bilinear")).max()) < 1e-6
     plain = models.build_model("resnet18", num_classes=4)
-    np.testing.assert_allclose(model.apply(variables, small, train=False),
-                               plain.apply(variables, big, train=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model.apply(variables, small, train=False),
+        plain.apply(variables, big, train=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="input_size"):
         models.build_model("resnet18", input_size=0)

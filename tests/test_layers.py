@@ -13,12 +13,25 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from _configs import ROOT
 
 PACKAGE = ROOT / "resnet_jax"
-LAYERS = {"errors": 0, "files": 0, "models": 1, "data": 1, "parallel": 1, "console": 1, "train": 2,
-          "summary": 2, "interop": 3, "analysis": 3, "configs": 3, "main": 4, "convert": 4, "experiments": 4}
+LAYERS = {
+    "errors": 0,
+    "files": 0,
+    "models": 1,
+    "data": 1,
+    "parallel": 1,
+    "console": 1,
+    "train": 2,
+    "summary": 2,
+    "interop": 3,
+    "analysis": 3,
+    "configs": 3,
+    "main": 4,
+    "convert": 4,
+    "experiments": 4,
+}
 
 
 def unit(dotted: str) -> str:
@@ -34,8 +47,11 @@ def imported_units(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # `from resnet_jax import train` names the unit in the alias
-            names = ([f"{node.module}.{a.name}" for a in node.names] if node.module == "resnet_jax"
-                     else [node.module])
+            names = (
+                [f"{node.module}.{a.name}" for a in node.names]
+                if node.module == "resnet_jax"
+                else [node.module]
+            )
         else:
             continue
         found |= {unit(n) for n in names if n == "resnet_jax" or n.startswith("resnet_jax.")}
@@ -60,6 +76,8 @@ def test_no_module_imports_a_higher_layer(path):
 def test_the_check_sees_lazy_imports(tmp_path):
     """The trainer used to import interop inside a function: such an import must count."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import resnet_jax.files\ndef f():\n    from resnet_jax.interop import weights\n"
-                     "    from resnet_jax import train\n")
+    probe.write_text(
+        "import resnet_jax.files\ndef f():\n    from resnet_jax.interop import weights\n"
+        "    from resnet_jax import train\n"
+    )
     assert imported_units(probe) == {"files", "interop", "train"}

@@ -36,8 +36,13 @@ def cifar_batches(cifar_dir, n):
     raw = np.fromfile(cifar_dir / "data_batch_1.bin", np.uint8, count=n * BATCH * 3073).reshape(-1, 3073)
     images = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255.0 - 0.5
     labels = raw[:, 0].astype(np.int32)
-    return [{"image": jnp.asarray(images[i * BATCH:(i + 1) * BATCH]),
-             "label": jnp.asarray(labels[i * BATCH:(i + 1) * BATCH])} for i in range(n)]
+    return [
+        {
+            "image": jnp.asarray(images[i * BATCH : (i + 1) * BATCH]),
+            "label": jnp.asarray(labels[i * BATCH : (i + 1) * BATCH]),
+        }
+        for i in range(n)
+    ]
 
 
 def make_tx():
@@ -47,8 +52,9 @@ def make_tx():
 def assert_trees_close(actual, expected):
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def max_change(after, before):
@@ -63,9 +69,14 @@ def test_nnx_training_steps_equal_the_linen_train_step(cifar_dir, tmp_path):
     variables = model.init(jax.random.key(0), batches[0]["image"][:1], train=False)
 
     # The linen trainer.
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"], opt_state=make_tx().init(variables["params"]),
-                       apply_fn=model.apply, tx=make_tx())
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=make_tx().init(variables["params"]),
+        apply_fn=model.apply,
+        tx=make_tx(),
+    )
     linen_step = jax.jit(train_step)
     for batch in batches[:STEPS]:
         state, _ = linen_step(state, batch)
@@ -98,13 +109,17 @@ def test_nnx_training_steps_equal_the_linen_train_step(cifar_dir, tmp_path):
     held_out = batches[STEPS]["image"]
     expected = np.asarray(model.apply(state.variables, held_out, train=False))
     np.testing.assert_allclose(np.asarray(net(held_out, train=False)), expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(to_nnx(model, trained)(held_out, train=False)),
-                                  np.asarray(model.apply(trained, held_out, train=False)))
+    np.testing.assert_array_equal(
+        np.asarray(to_nnx(model, trained)(held_out, train=False)),
+        np.asarray(model.apply(trained, held_out, train=False)),
+    )
     # Saved with the project's tools and loaded back with the one-liner.
     save_converted(tmp_path / "finetuned", trained, {"model": "cifar_resnet8", "model_overrides": {}})
     loaded_model, loaded = pretrained(tmp_path / "finetuned")
-    np.testing.assert_array_equal(np.asarray(loaded_model.apply(loaded, held_out, train=False)),
-                                  np.asarray(model.apply(trained, held_out, train=False)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded_model.apply(loaded, held_out, train=False)),
+        np.asarray(model.apply(trained, held_out, train=False)),
+    )
     # and evaluation leaves the statistics alone.
     assert_trees_close(to_linen(net)["batch_stats"], trained["batch_stats"])
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from _command_line import config_from_command_line
 from _configs import load_config
+
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import optim
 from resnet_jax.train.loop import build_optimizer
@@ -41,7 +41,9 @@ def test_linear_scaling_rule_rescales_lr_and_steps():
     schedule, derived = _schedule("resnet20,batch=1024")
     assert derived.learning_rate == pytest.approx(0.8)
     assert derived.total_steps == 8_000 and derived.boundaries == (4_000, 6_000)
-    np.testing.assert_allclose([float(schedule(s)) for s in (3_999, 4_000, 6_000)], [0.8, 0.08, 0.008], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (3_999, 4_000, 6_000)], [0.8, 0.08, 0.008], rtol=1e-6
+    )
 
 
 def test_linear_warmup_ramps_to_the_base_rate():
@@ -57,11 +59,14 @@ def _params():
     }
 
 
-@pytest.mark.parametrize("target, decayed", [
-    ("all", {"conv/kernel", "bn/scale", "bn/bias", "head/kernel", "head/bias"}),
-    ("kernels", {"conv/kernel", "head/kernel"}),
-    ("no_bn", {"conv/kernel", "head/kernel", "head/bias"}),
-])
+@pytest.mark.parametrize(
+    "target, decayed",
+    [
+        ("all", {"conv/kernel", "bn/scale", "bn/bias", "head/kernel", "head/bias"}),
+        ("kernels", {"conv/kernel", "head/kernel"}),
+        ("no_bn", {"conv/kernel", "head/kernel", "head/bias"}),
+    ],
+)
 def test_weight_decay_mask(target, decayed):
     mask = optim.weight_decay_mask(_params(), target)
     flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
@@ -96,8 +101,9 @@ def test_goyal_schedule_is_the_same_however_the_batch_is_given():
     """`:resnet50,goyal,batch=1024` and `:resnet50,goyal --config.batch_size=1024` are one recipe:
     Goyal et al. 2017 warm up linearly over 5 epochs from 0.1 to 0.1 x 1024/256 = 0.4."""
     in_arg = _imagenet_plan(config_from_command_line("imagenet.py:resnet50,goyal,batch=1024"))
-    by_flag = _imagenet_plan(config_from_command_line("imagenet.py:resnet50,goyal",
-                                                      "--config.batch_size=1024"))
+    by_flag = _imagenet_plan(
+        config_from_command_line("imagenet.py:resnet50,goyal", "--config.batch_size=1024")
+    )
     assert by_flag[0] == in_arg[0]
     np.testing.assert_allclose(by_flag[1], in_arg[1], rtol=1e-6)
     derived, rates = in_arg
@@ -105,5 +111,6 @@ def test_goyal_schedule_is_the_same_however_the_batch_is_given():
     assert (derived.steps_per_epoch, derived.warmup_steps) == (steps_per_epoch, round(5 * steps_per_epoch))
     assert derived.warmup_learning_rate == pytest.approx(0.1) and derived.learning_rate == pytest.approx(0.4)
     warm = derived.warmup_steps
-    np.testing.assert_allclose(rates, [0.1, 0.1 + 0.3 * (warm // 2) / warm, 0.1 + 0.3 * (warm - 1) / warm,
-                                       0.4, 0.04], rtol=1e-5)
+    np.testing.assert_allclose(
+        rates, [0.1, 0.1 + 0.3 * (warm // 2) / warm, 0.1 + 0.3 * (warm - 1) / warm, 0.4, 0.04], rtol=1e-5
+    )

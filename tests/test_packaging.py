@@ -7,7 +7,6 @@ import sys
 import zipfile
 
 import pytest
-
 from _configs import ROOT
 
 
@@ -15,8 +14,23 @@ from _configs import ROOT
 def installed(tmp_path_factory):
     """The wheel built from this checkout, unpacked into a folder that stands first on sys.path."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(ROOT)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     (wheel,) = (tmp / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -26,8 +40,9 @@ def installed(tmp_path_factory):
 
 def run_outside(tmp, code):
     env = dict(os.environ, PYTHONPATH=str(tmp / "site"))
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_the_wheel_holds_the_recipes_and_no_top_level_configs(installed):
@@ -39,20 +54,29 @@ def test_the_wheel_holds_the_recipes_and_no_top_level_configs(installed):
 
 def test_experiments_and_recipes_work_from_the_installed_package(installed):
     tmp, _ = installed
-    done = run_outside(tmp, (
-        "import resnet_jax, resnet_jax.configs as c\n"
-        "from resnet_jax import experiments\n"
-        f"assert resnet_jax.__file__.startswith({str(tmp / 'site')!r}), resnet_jax.__file__\n"
-        "assert c.load('cifar10', 'resnet110').model.name == 'cifar_resnet110'\n"
-        "assert c.load('imagenet', 'resnet50').dataset.name == 'imagenet2012'\n"
-        "assert c.load('cifar100').dataset.name == 'cifar100'\n"
-        "config = experiments.load_config_file(experiments._PACKAGED_CONFIG, 'plain20')\n"
-        "print(config.model.name)\n"))
+    done = run_outside(
+        tmp,
+        (
+            "import resnet_jax, resnet_jax.configs as c\n"
+            "from resnet_jax import experiments\n"
+            f"assert resnet_jax.__file__.startswith({str(tmp / 'site')!r}), resnet_jax.__file__\n"
+            "assert c.load('cifar10', 'resnet110').model.name == 'cifar_resnet110'\n"
+            "assert c.load('imagenet', 'resnet50').dataset.name == 'imagenet2012'\n"
+            "assert c.load('cifar100').dataset.name == 'cifar100'\n"
+            "config = experiments.load_config_file(experiments._PACKAGED_CONFIG, 'plain20')\n"
+            "print(config.model.name)\n"
+        ),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["cifar_plain20"]
-    helped = subprocess.run([sys.executable, "-m", "resnet_jax.experiments", "degradation", "--help"], cwd=tmp,
-                            env=dict(os.environ, PYTHONPATH=str(tmp / "site")), capture_output=True, text=True,
-                            timeout=300)
+    helped = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.experiments", "degradation", "--help"],
+        cwd=tmp,
+        env=dict(os.environ, PYTHONPATH=str(tmp / "site")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert helped.returncode == 0 and "the package's CIFAR-10 recipe" in " ".join(helped.stdout.split())
 
 

@@ -18,21 +18,28 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from _configs import tiny_config
+
 from resnet_jax import parallel
+from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop
 from resnet_jax.train.metrics import read_metrics
-from resnet_jax.files import atomic_write_json
 
 WORKER = Path(__file__).resolve().parent / "_multiprocess_worker.py"
 TIMEOUT_S = 240
 
 # 8 steps, one per dispatch, so metrics.jsonl holds every step's loss; eval batch 200
 # divides by 8 devices (the tiny config's 250 does not).
-STEPS = {"schedule__total_steps": 8, "schedule__boundaries": [6], "steps_per_dispatch": 1,
-         "log_every_steps": 1, "eval_every_steps": 8, "checkpoint_every_steps": 4, "eval_batch_size": 200}
+STEPS = {
+    "schedule__total_steps": 8,
+    "schedule__boundaries": [6],
+    "steps_per_dispatch": 1,
+    "log_every_steps": 1,
+    "eval_every_steps": 8,
+    "checkpoint_every_steps": 4,
+    "eval_batch_size": 200,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,20 @@ def free_port() -> int:
 
 
 def start(job: dict, devices: int, cache_dir: Path) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(job)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PLATFORMS="cpu",
+    )
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(job)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> list[tuple[int, str, str]]:
@@ -100,11 +116,18 @@ def one_vs_eight(tmp_path_factory, cache_dir):
     procs, runs = [], {}
     for devices in (1, 8):
         job = {"mode": "train", "runs": [], "hlo": str(root / f"hlo{devices}.txt") if devices == 8 else None}
-        for bn, extra in (("global", {"checkpoint_every_steps": 1}), ("ghost4", {"model__ghost_batch_size": 4}),
-                          ("ghost2", {"model__ghost_batch_size": 2})):
+        for bn, extra in (
+            ("global", {"checkpoint_every_steps": 1}),
+            ("ghost4", {"model__ghost_batch_size": 4}),
+            ("ghost2", {"model__ghost_batch_size": 2}),
+        ):
             name = f"{bn}_{devices}"
             runs[name] = root / name
-            run = {"workdir": str(root / name), "overrides": {**STEPS, **extra}, "out": str(root / f"{name}.npz")}
+            run = {
+                "workdir": str(root / name),
+                "overrides": {**STEPS, **extra},
+                "out": str(root / f"{name}.npz"),
+            }
             if bn == "global":  # checkpointed every step: its first save is the state after step 1
                 run["first_out"] = str(root / f"{name}.step1.npz")
             job["runs"].append(run)
@@ -185,25 +208,45 @@ def test_each_device_gathers_only_its_share_of_the_batch(one_vs_eight):
     assert "while" in (root / "hlo8.txt.scan").read_text()  # the scan really is a loop there
 
 
-def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp_path, cache_dir, cifar_dir,
-                                                                              one_vs_eight):
+def test_two_processes_agree_with_one_stop_together_and_one_process_restores(
+    tmp_path, cache_dir, cifar_dir, one_vs_eight
+):
     """One pair of processes (2 x 2 devices) runs three jobs in turn: a workdir holding another
     config (both must refuse it), a run that gets SIGTERM on process 1 only (both must stop at
     the same step), and the rerun that finishes it."""
     workdir, mismatch = tmp_path / "run", tmp_path / "mismatch"
     mismatch.mkdir()
-    atomic_write_json(mismatch / "config.json", tiny_config(cifar_dir, **STEPS, optimizer__learning_rate=0.2).to_dict())
+    atomic_write_json(
+        mismatch / "config.json", tiny_config(cifar_dir, **STEPS, optimizer__learning_rate=0.2).to_dict()
+    )
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for pid in range(2):
-        overrides = {**STEPS, "distributed__coordinator_address": address, "distributed__num_processes": 2,
-                     "distributed__process_id": pid}
-        job = {"mode": "train", "local_batch": str(tmp_path / "local_batch.npz"), "runs": [
-            {"workdir": str(mismatch), "overrides": overrides, "expect": "WorkdirError",
-             "error_out": str(tmp_path / "mismatch")},
-            {"workdir": str(workdir), "overrides": overrides, "expect": "PreemptedError",
-             "error_out": str(tmp_path / "preempted")},
-            {"workdir": str(workdir), "overrides": overrides, "out": str(tmp_path / "saved.npz")}]}
+        overrides = {
+            **STEPS,
+            "distributed__coordinator_address": address,
+            "distributed__num_processes": 2,
+            "distributed__process_id": pid,
+        }
+        job = {
+            "mode": "train",
+            "local_batch": str(tmp_path / "local_batch.npz"),
+            "runs": [
+                {
+                    "workdir": str(mismatch),
+                    "overrides": overrides,
+                    "expect": "WorkdirError",
+                    "error_out": str(tmp_path / "mismatch"),
+                },
+                {
+                    "workdir": str(workdir),
+                    "overrides": overrides,
+                    "expect": "PreemptedError",
+                    "error_out": str(tmp_path / "preempted"),
+                },
+                {"workdir": str(workdir), "overrides": overrides, "out": str(tmp_path / "saved.npz")},
+            ],
+        }
         procs.append(start(job, 2, cache_dir))
     # SIGTERM to process 1 alone, once two steps are logged (6 steps are then left to stop in).
     metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + TIMEOUT_S
@@ -222,7 +265,10 @@ def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp
     # into collectives and waited for JAX's coordination timeout).
     refused = [json.loads((tmp_path / f"mismatch.{pid}.json").read_text()) for pid in range(2)]
     assert refused[0] == refused[1] and refused[0]["error"] == "WorkdirError"
-    assert "different config" in refused[0]["message"] and "optimizer.learning_rate: 0.2 -> 0.05" in refused[0]["message"]
+    assert (
+        "different config" in refused[0]["message"]
+        and "optimizer.learning_rate: 0.2 -> 0.05" in refused[0]["message"]
+    )
     assert not (mismatch / "checkpoints").exists()
     # SIGTERM to one process: both stopped at the same step, saved it, and the rerun resumed there.
     stopped = [json.loads((tmp_path / f"preempted.{pid}.json").read_text()) for pid in range(2)]
@@ -231,7 +277,9 @@ def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp
     results = json.loads((workdir / "results.json").read_text())
     assert results["resumed_from"] == steps_at[0] and results["steps"] == 8
     assert results["hardware"]["processes"] == 2 and results["hardware"]["devices"] == 4
-    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"] == list(
+        range(1, 9)
+    )
     # Two processes (4 devices) against one process on one device: the same data, the same
     # steps, but the batch sums are split into 4 partial sums joined by a gloo all-reduce, so
     # float32 round-off differs (measured: ~1e-7 relative at step 1) and training amplifies
@@ -246,12 +294,19 @@ def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp
     np.testing.assert_array_equal(batch["image_rows"], [3] * 4 + [6] * 4)
     np.testing.assert_array_equal(batch["label"], [0, 1, 2, 3, 100, 101, 102, 103])
 
-    restore = {"mode": "restore", "workdir": str(workdir), "overrides": STEPS, "out": str(tmp_path / "restored.npz")}
+    restore = {
+        "mode": "restore",
+        "workdir": str(workdir),
+        "overrides": STEPS,
+        "out": str(tmp_path / "restored.npz"),
+    }
     run_ok([start(restore, 1, cache_dir)])
     saved, restored = load(tmp_path / "saved.npz"), load(tmp_path / "restored.npz")
     assert int(saved.pop("step")) == int(restored.pop("step")) == 8
     assert int(restored.pop("num_devices")) == 1
-    assert restored.pop("shardings").tolist() == [str(parallel.replicated(parallel.make_mesh(jax.devices()[:1])))]
+    assert restored.pop("shardings").tolist() == [
+        str(parallel.replicated(parallel.make_mesh(jax.devices()[:1])))
+    ]
     assert sorted(saved) == sorted(restored) and len(saved) > 50
     for k in saved:
         np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
@@ -259,16 +314,23 @@ def test_two_processes_agree_with_one_stop_together_and_one_process_restores(tmp
 
 def test_a_process_told_another_process_count_is_refused(cache_dir):
     address = f"127.0.0.1:{free_port()}"
-    jobs = [{"mode": "initialize", "timeout_s": 20,
-             "distributed": {"coordinator_address": address, "num_processes": n, "process_id": pid}}
-            for pid, n in ((0, 2), (1, 3))]
+    jobs = [
+        {
+            "mode": "initialize",
+            "timeout_s": 20,
+            "distributed": {"coordinator_address": address, "num_processes": n, "process_id": pid},
+        }
+        for pid, n in ((0, 2), (1, 3))
+    ]
     results = finish([start(job, 1, cache_dir) for job in jobs], timeout=90)
     rc, _, err = results[1]
     assert rc != 0
     assert "WORKER-ERROR DistributedError: config.distributed.num_processes = 3 but 2 processes joined" in err
 
 
-def test_batch_that_does_not_divide_by_the_devices_is_refused_before_compiling(cifar_dir, tmp_path, monkeypatch):
+def test_batch_that_does_not_divide_by_the_devices_is_refused_before_compiling(
+    cifar_dir, tmp_path, monkeypatch
+):
     config = tiny_config(cifar_dir, batch_size=30, eval_batch_size=200)
     with pytest.raises(config_lib.ConfigError, match=r"batch_size = 30 does not divide by the 4 devices"):
         config_lib.validate(config, num_devices=4)
@@ -281,8 +343,12 @@ def test_batch_that_does_not_divide_by_the_devices_is_refused_before_compiling(c
 
 
 def test_process_id_beyond_the_process_count_is_refused(cifar_dir):
-    config = tiny_config(cifar_dir, distributed__coordinator_address="127.0.0.1:1", distributed__num_processes=2,
-                         distributed__process_id=2)
+    config = tiny_config(
+        cifar_dir,
+        distributed__coordinator_address="127.0.0.1:1",
+        distributed__num_processes=2,
+        distributed__process_id=2,
+    )
     with pytest.raises(config_lib.ConfigError, match="distributed.process_id = 2 must be below"):
         config_lib.validate(config)
 

@@ -41,36 +41,75 @@ def cifar_command(workdir: Path, cifar_dir: Path, **overrides: Any) -> list[str]
     base = config_lib.flatten(load_config("resnet8").to_dict())
     wanted = config_lib.flatten(tiny_config(cifar_dir, **overrides).to_dict())
     flags = [f"--config.{k}={_flag(v)}" for k, v in sorted(wanted.items()) if base[k] != v]
-    return [sys.executable, "-m", "resnet_jax.main", "--config", "configs/cifar10.py:resnet8",
-            "--workdir", str(workdir), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "resnet_jax.main",
+        "--config",
+        "configs/cifar10.py:resnet8",
+        "--workdir",
+        str(workdir),
+        *flags,
+    ]
 
 
 # ResNet-18 at 1/8 width on 32-px crops of a folder of 48 training JPEGs: 6 steps of 8 an epoch.
 IMAGENET_FLAGS = {
-    "dataset.name": "image_folder", "dataset.image_size": 32, "dataset.scale_range": (36, 48),
-    "dataset.eval_resize": 36, "dataset.eval_protocol": "center", "model.width_multiplier": 0.125,
-    "batch_size": 8, "reference_batch_size": 8, "eval_batch_size": 4,
-    "schedule.epochs": 2.0, "schedule.boundary_epochs": (1.0,), "steps_per_dispatch": 2, "log_every_steps": 2,
-    "eval_every_steps": 12, "checkpoint_every_steps": 4, "tensorboard": False,
+    "dataset.name": "image_folder",
+    "dataset.image_size": 32,
+    "dataset.scale_range": (36, 48),
+    "dataset.eval_resize": 36,
+    "dataset.eval_protocol": "center",
+    "model.width_multiplier": 0.125,
+    "batch_size": 8,
+    "reference_batch_size": 8,
+    "eval_batch_size": 4,
+    "schedule.epochs": 2.0,
+    "schedule.boundary_epochs": (1.0,),
+    "steps_per_dispatch": 2,
+    "log_every_steps": 2,
+    "eval_every_steps": 12,
+    "checkpoint_every_steps": 4,
+    "tensorboard": False,
 }
 
 
 def imagenet_command(workdir: Path, folder: Path, recipe: str = "", **flags: Any) -> list[str]:
     wanted = {**IMAGENET_FLAGS, "dataset.data_dir": folder, **flags}
-    return [sys.executable, "-m", "resnet_jax.main", "--config", f"configs/imagenet.py:resnet18{recipe}",
-            "--workdir", str(workdir), *(f"--config.{k}={_flag(v)}" for k, v in wanted.items())]
+    return [
+        sys.executable,
+        "-m",
+        "resnet_jax.main",
+        "--config",
+        f"configs/imagenet.py:resnet18{recipe}",
+        "--workdir",
+        str(workdir),
+        *(f"--config.{k}={_flag(v)}" for k, v in wanted.items()),
+    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """Subprocesses share one compilation cache: after the first run of a config, none compiles."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -102,6 +141,7 @@ def folder(tmp_path_factory) -> Path:
 
 # --- ResNet-1202's warm-up (configs/cifar10.py, docs/scaling.md) ----------------------------------
 
+
 @pytest.mark.parametrize("batch", [128, 1024])
 def test_resnet1202_warms_up_at_lr_0_01_for_400_iterations_then_0_1(batch):
     """He et al. 2015, Section 4.2: 0.01 until the training error is below 80% (about 400
@@ -114,9 +154,19 @@ def test_resnet1202_warms_up_at_lr_0_01_for_400_iterations_then_0_1(batch):
     scale = batch / 128
     warmup = round(400 / scale)
     assert (derived.warmup_steps, derived.boundaries, derived.total_steps) == (
-        warmup, (round(32_000 / scale), round(48_000 / scale)), round(64_000 / scale))
-    expected = {0: 0.01, warmup - 1: 0.01, warmup: 0.1, round(32_000 / scale) - 1: 0.1,
-                round(32_000 / scale): 0.01, round(48_000 / scale): 0.001, round(64_000 / scale) - 1: 0.001}
+        warmup,
+        (round(32_000 / scale), round(48_000 / scale)),
+        round(64_000 / scale),
+    )
+    expected = {
+        0: 0.01,
+        warmup - 1: 0.01,
+        warmup: 0.1,
+        round(32_000 / scale) - 1: 0.1,
+        round(32_000 / scale): 0.01,
+        round(48_000 / scale): 0.001,
+        round(64_000 / scale) - 1: 0.001,
+    }
     got = {step: float(schedule(step)) for step in expected}
     np.testing.assert_allclose(list(got.values()), [lr * scale for lr in expected.values()], rtol=1e-6)
     # The other depths of the paper's Table 6 below 110 do not warm up.
@@ -125,8 +175,10 @@ def test_resnet1202_warms_up_at_lr_0_01_for_400_iterations_then_0_1(batch):
 
 # --- A finished run whose metrics.jsonl lacks the final evaluation (loop.results) ----------------
 
-def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(cifar_reference, cifar_dir, tmp_path,
-                                                                              env):
+
+def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(
+    cifar_reference, cifar_dir, tmp_path, env
+):
     workdir = tmp_path / "run"
     shutil.copytree(cifar_reference, workdir)
     (workdir / "results.json").unlink()
@@ -135,7 +187,9 @@ def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(ci
     deleted = json.loads(lines.pop(last_eval))
     assert deleted["step"] == 16
     # Step 8's evaluation differs: a rerun that reported the last record left would be caught.
-    assert [json.loads(line)["error"] for line in lines if json.loads(line)["split"] == "test"] != [deleted["error"]]
+    assert [json.loads(line)["error"] for line in lines if json.loads(line)["split"] == "test"] != [
+        deleted["error"]
+    ]
     (workdir / "metrics.jsonl").write_text("".join(lines))
 
     rc, err = run(cifar_command(workdir, cifar_dir), env)
@@ -190,11 +244,12 @@ app.run(main.main)
 
 
 @pytest.mark.parametrize("what", ["metrics", "checkpoint"])
-def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(cifar_reference, cifar_dir, tmp_path,
-                                                                         env, what):
+def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(
+    cifar_reference, cifar_dir, tmp_path, env, what
+):
     workdir = tmp_path / "run"
     cmd = cifar_command(workdir, cifar_dir)
-    rc, err = run([sys.executable, "-c", _FULL_DISK, what, *cmd[cmd.index("--config"):]], env)
+    rc, err = run([sys.executable, "-c", _FULL_DISK, what, *cmd[cmd.index("--config") :]], env)
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "No space left on device" in last, err[-3000:]
@@ -219,20 +274,39 @@ def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(cifar_
 
 # What each recipe of configs/imagenet.py sets apart from the paper's (its docstring's list).
 RECIPE_VALUES = {
-    "goyal": {"model.zero_init_last": True, "optimizer.weight_decay_on": "no_bn", "schedule.warmup": "linear",
-              "schedule.warmup_learning_rate": 0.1, "schedule.scale_warmup_learning_rate": False,
-              "dataset.train_transform": "inception", "dataset.pca_std": 0.0},
-    "v1.5": {"model.stride_on_3x3": True, "model.dtype": "bfloat16", "label_smoothing": 0.1,
-             "schedule.kind": "cosine", "schedule.warmup": "linear", "schedule.warmup_learning_rate": 0.0,
-             "dataset.train_transform": "inception", "dataset.eval_protocol": "center"},
+    "goyal": {
+        "model.zero_init_last": True,
+        "optimizer.weight_decay_on": "no_bn",
+        "schedule.warmup": "linear",
+        "schedule.warmup_learning_rate": 0.1,
+        "schedule.scale_warmup_learning_rate": False,
+        "dataset.train_transform": "inception",
+        "dataset.pca_std": 0.0,
+    },
+    "v1.5": {
+        "model.stride_on_3x3": True,
+        "model.dtype": "bfloat16",
+        "label_smoothing": 0.1,
+        "schedule.kind": "cosine",
+        "schedule.warmup": "linear",
+        "schedule.warmup_learning_rate": 0.0,
+        "dataset.train_transform": "inception",
+        "dataset.eval_protocol": "center",
+    },
     "ghost": {"model.ghost_batch_size": 32},
 }
 # The tiny run's own schedule: 2 epochs of 8 or 32 images a step, warm-up shortened to fit.
 RECIPE_FLAGS = {
     "goyal": {"schedule.warmup_epochs": 0.5},
     "v1.5": {"schedule.warmup_epochs": 0.5, "schedule.boundary_epochs": ()},
-    "ghost": {"batch_size": 32, "reference_batch_size": 32, "steps_per_dispatch": 1, "log_every_steps": 1,
-              "eval_every_steps": 3, "checkpoint_every_steps": 3},  # BN over 32: a batch of 32
+    "ghost": {
+        "batch_size": 32,
+        "reference_batch_size": 32,
+        "steps_per_dispatch": 1,
+        "log_every_steps": 1,
+        "eval_every_steps": 3,
+        "checkpoint_every_steps": 3,
+    },  # BN over 32: a batch of 32
 }
 
 
@@ -263,6 +337,7 @@ def test_label_smoothing_trains_from_the_command_line(cifar_reference, cifar_dir
 
 # --- Killed at any moment, on both data paths (docs/reliability.md) -----------------------------
 
+
 @pytest.fixture(scope="module")
 def folder_reference(folder, tmp_path_factory, env) -> Path:
     """The tiny image-folder run through the command line, never interrupted (12 steps)."""
@@ -279,8 +354,9 @@ def _logged(metrics: Path, step: int) -> bool:
         return False
 
 
-def kill_at_seeded_moments(cmd: list[str], env: dict[str, str], workdir: Path, log_steps: list[int],
-                           seed: int, kills: int = 3) -> list[tuple[int, float, int]]:
+def kill_at_seeded_moments(
+    cmd: list[str], env: dict[str, str], workdir: Path, log_steps: list[int], seed: int, kills: int = 3
+) -> list[tuple[int, float, int]]:
     """Runs `cmd` `kills` times, each SIGKILLed a seeded delay (0-0.5 s) after metrics.jsonl
     first holds the train record of a seeded step. The delay lands the kill anywhere: in a
     step, a save, an evaluation, start-up (when the step was already logged before the
@@ -290,8 +366,9 @@ def kill_at_seeded_moments(cmd: list[str], env: dict[str, str], workdir: Path, l
     delays = [float(d) for d in rng.uniform(0.0, 0.5, size=kills)]
     done = []
     for step, delay in zip(steps, delays):
-        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) as proc:
+        with subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        ) as proc:
             deadline = time.monotonic() + TIMEOUT_S
             try:
                 while proc.poll() is None and not _logged(workdir / "metrics.jsonl", step):
@@ -308,14 +385,20 @@ def kill_at_seeded_moments(cmd: list[str], env: dict[str, str], workdir: Path, l
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["cifar", "image_folder"])
-def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(path, request, cifar_dir, tmp_path, env):
+def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(
+    path, request, cifar_dir, tmp_path, env
+):
     workdir = tmp_path / "killed"
     if path == "cifar":
         reference = request.getfixturevalue("cifar_reference")
         cmd, log_steps, last = cifar_command(workdir, cifar_dir), [4, 8, 12, 16], 16
     else:
         reference = request.getfixturevalue("folder_reference")
-        cmd, log_steps, last = imagenet_command(workdir, request.getfixturevalue("folder")), list(range(2, 13, 2)), 12
+        cmd, log_steps, last = (
+            imagenet_command(workdir, request.getfixturevalue("folder")),
+            list(range(2, 13, 2)),
+            12,
+        )
     kills = kill_at_seeded_moments(cmd, env, workdir, log_steps, seed=len(path))
     assert any(rc == -signal.SIGKILL for *_, rc in kills), kills
     rc, err = run(cmd, env)
@@ -329,6 +412,7 @@ def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(path, req
 
 
 # --- SLURM starts jax.distributed by itself (docs/scaling.md) -------------------------------------
+
 
 def _free_slurm_port(rng: np.random.Generator) -> int:
     """A free port of the range jax derives from SLURM_JOB_ID (job id % 4096 + 61440)."""
@@ -350,21 +434,48 @@ def test_slurm_environment_starts_two_processes_that_train_together(cifar_dir, t
     port = _free_slurm_port(np.random.default_rng(0))
     job_id = 7 * 4096 + port - 61440
     workdir = tmp_path / "run"
-    cmd = cifar_command(workdir, cifar_dir, eval_batch_size=100, schedule__total_steps=8,
-                        schedule__boundaries=(6,), eval_every_steps=8) + ["--verbosity=0"]
-    hints = ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-             "JAX_COORDINATOR_ADDRESS", "JOBSET_NAME")
+    cmd = cifar_command(
+        workdir,
+        cifar_dir,
+        eval_batch_size=100,
+        schedule__total_steps=8,
+        schedule__boundaries=(6,),
+        eval_every_steps=8,
+    ) + ["--verbosity=0"]
+    hints = (
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "JAX_COORDINATOR_ADDRESS",
+        "JOBSET_NAME",
+    )
     base = {k: v for k, v in env.items() if k not in hints and not k.startswith("SLURM_")}
     procs = []
     with open(tmp_path / "stderr.0", "w+") as log0, open(tmp_path / "stderr.1", "w+") as log1:
         try:
             for rank, log in enumerate((log0, log1)):
-                slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
-                         "SLURM_LOCALID": str(rank), "SLURM_NODELIST": "127.0.0.1",
-                         "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_JOB_NUM_NODES": "1", "SLURM_STEP_NUM_NODES": "1",
-                         "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "2"}
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env={
-                    **base, **slurm, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+                slurm = {
+                    "SLURM_JOB_ID": str(job_id),
+                    "SLURM_NTASKS": "2",
+                    "SLURM_PROCID": str(rank),
+                    "SLURM_LOCALID": str(rank),
+                    "SLURM_NODELIST": "127.0.0.1",
+                    "SLURM_STEP_NODELIST": "127.0.0.1",
+                    "SLURM_JOB_NUM_NODES": "1",
+                    "SLURM_STEP_NUM_NODES": "1",
+                    "SLURM_NNODES": "1",
+                    "SLURM_NODEID": "0",
+                    "SLURM_TASKS_PER_NODE": "2",
+                }
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                        env={**base, **slurm, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                    )
+                )
             for proc in procs:
                 proc.wait(timeout=TIMEOUT_S)
         finally:
@@ -380,5 +491,9 @@ def test_slurm_environment_starts_two_processes_that_train_together(cifar_dir, t
         assert proc.returncode == 0, f"process {rank}: {err[-3000:]}"
         assert f"jax.distributed: process {rank} of 2, 2 local / 4 global devices" in err, err[-3000:]
     results = json.loads((workdir / "results.json").read_text())
-    assert results["steps"] == 8 and results["hardware"]["devices"] == 4 and results["hardware"]["processes"] == 2
+    assert (
+        results["steps"] == 8
+        and results["hardware"]["devices"] == 4
+        and results["hardware"]["processes"] == 2
+    )
     assert checkpoint_steps(workdir) == [4, 8]

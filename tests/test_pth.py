@@ -106,28 +106,62 @@ def files(tmp_path_factory):
 
     torch.manual_seed(0)
     for depth in TV_DEPTHS:
-        save(f"tv{depth}", distinct_buffers(getattr(torchvision.models, f"resnet{depth}")(weights=None)
-                                            .state_dict(), depth))
+        save(
+            f"tv{depth}",
+            distinct_buffers(getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict(), depth),
+        )
     for depth in TIMM_DEPTHS:
-        save(f"timm{depth}", distinct_buffers(timm.create_model(f"resnet{depth}", pretrained=False)
-                                              .state_dict(), 100 + depth))
+        save(
+            f"timm{depth}",
+            distinct_buffers(timm.create_model(f"resnet{depth}", pretrained=False).state_dict(), 100 + depth),
+        )
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6) * 1.5 - 7
-    save("views", {"base": base, "t": base.t(), "slice": base[1:3, 2:5], "col": base[:, 3],
-                   "tail": base.view(-1)[17:], "step": base[::2, ::3], "scalar": base[2, 1]})
+    save(
+        "views",
+        {
+            "base": base,
+            "t": base.t(),
+            "slice": base[1:3, 2:5],
+            "col": base[:, 3],
+            "tail": base.view(-1)[17:],
+            "step": base[::2, ::3],
+            "scalar": base[2, 1],
+        },
+    )
     x = torch.randn(3, 5)
-    save("dtypes", {"f16": x.half(), "bf16": x.bfloat16(), "bf16_t": x.bfloat16().t(), "f64": x.double(),
-                    "i64": torch.arange(-7, 8), "i32": torch.arange(-5, 5, dtype=torch.int32),
-                    "i16": torch.tensor([-300, 7], dtype=torch.int16),
-                    "i8": torch.tensor([-100, 3], dtype=torch.int8),
-                    "u8": torch.tensor([0, 200, 255], dtype=torch.uint8), "bool": x > 0,
-                    "empty": torch.zeros(0, 4)})
-    save("wrapped", {"epoch": 3, "optimizer": {"lr": 0.1},
-                     "state_dict": {"module.fc.weight": x, "module.fc.bias": x[0]}})
+    save(
+        "dtypes",
+        {
+            "f16": x.half(),
+            "bf16": x.bfloat16(),
+            "bf16_t": x.bfloat16().t(),
+            "f64": x.double(),
+            "i64": torch.arange(-7, 8),
+            "i32": torch.arange(-5, 5, dtype=torch.int32),
+            "i16": torch.tensor([-300, 7], dtype=torch.int16),
+            "i8": torch.tensor([-100, 3], dtype=torch.int8),
+            "u8": torch.tensor([0, 200, 255], dtype=torch.uint8),
+            "bool": x > 0,
+            "empty": torch.zeros(0, 4),
+        },
+    )
+    save(
+        "wrapped",
+        {"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {"module.fc.weight": x, "module.fc.bias": x[0]}},
+    )
     save("parameter", {"w": torch.nn.Parameter(x), "b": torch.nn.Parameter(x[:, 0], requires_grad=False)})
     save("small", {"w": x})
-    rewrite_zip(paths["small"], tmp / "big_endian.pth",
-                lambda n, b: b"big" if n.endswith("/byteorder")
-                else np.frombuffer(b, "<f4").astype(">f4").tobytes() if "/data/" in n else b)
+    rewrite_zip(
+        paths["small"],
+        tmp / "big_endian.pth",
+        lambda n, b: (
+            b"big"
+            if n.endswith("/byteorder")
+            else np.frombuffer(b, "<f4").astype(">f4").tobytes()
+            if "/data/" in n
+            else b
+        ),
+    )
     paths["big_endian"] = tmp / "big_endian.pth"
     # A tensor whose size is patched from 7 to 9 elements: it would read past its 7-element storage.
     save("seven", {"w": torch.arange(7, dtype=torch.float32)})
@@ -138,6 +172,7 @@ def files(tmp_path_factory):
             return data
         assert data.count(b"K\x07\x85") == 1  # BININT1 7, TUPLE1: the size (7,)
         return data.replace(b"K\x07\x85", b"K\x09\x85")
+
     rewrite_zip(paths["seven"], paths["overrun"], grow)
 
     save("evil_torch", {"conv1.weight": torch.zeros(1), "evil": _System(tmp / "MARK_torch")})
@@ -160,8 +195,15 @@ def read(files):
     read in a process where torch cannot be imported."""
     _, paths = files
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _READER, json.dumps({k: str(v) for k, v in paths.items()})],
-                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _READER, json.dumps({k: str(v) for k, v in paths.items()})],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -196,16 +238,27 @@ def test_every_storage_dtype_and_bfloat16_as_float32(files, read):
     got = arrays(read, "dtypes")
     assert got == reference(files[1]["dtypes"])
     assert {k: v[0] for k, v in got.items()} == {
-        "f16": "float16", "bf16": "float32", "bf16_t": "float32", "f64": "float64", "i64": "int64",
-        "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool", "empty": "float32"}
+        "f16": "float16",
+        "bf16": "float32",
+        "bf16_t": "float32",
+        "f64": "float64",
+        "i64": "int64",
+        "i32": "int32",
+        "i16": "int16",
+        "i8": "int8",
+        "u8": "uint8",
+        "bool": "bool",
+        "empty": "float32",
+    }
 
 
 def test_wrapper_module_prefix_and_parameters(files, read):
     got = arrays(read, "wrapped")
     want = torch.load(files[1]["wrapped"], weights_only=True)["state_dict"]
-    assert got == {k[len("module."):]: digest(v) for k, v in want.items()}
-    assert read["wrapped"]["note"] == ("the 'state_dict' entry (other entries ignored: ['epoch', "
-                                       "'optimizer']), 'module.' prefix removed")
+    assert got == {k[len("module.") :]: digest(v) for k, v in want.items()}
+    assert read["wrapped"]["note"] == (
+        "the 'state_dict' entry (other entries ignored: ['epoch', 'optimizer']), 'module.' prefix removed"
+    )
     with zipfile.ZipFile(files[1]["parameter"]) as z:
         assert b"_rebuild_parameter" in z.read("parameter/data.pkl")
     assert arrays(read, "parameter") == reference(files[1]["parameter"])
@@ -254,8 +307,14 @@ def test_a_tensor_reaching_past_its_storage_is_refused(files, read):
 def test_in_process_reader_refuses_globals_and_geometry():
     """The unpickler on its own, no file layout: any global besides the allow-list is refused."""
     from resnet_jax.interop import pth
-    for module, name in [("builtins", "eval"), ("torch", "load"), ("torch._utils", "_rebuild_qtensor"),
-                         ("torch", "UntypedStorage"), ("collections", "defaultdict")]:
+
+    for module, name in [
+        ("builtins", "eval"),
+        ("torch", "load"),
+        ("torch._utils", "_rebuild_qtensor"),
+        ("torch", "UntypedStorage"),
+        ("collections", "defaultdict"),
+    ]:
         unpickler = pth._Unpickler(io.BytesIO(b""), None, "", big_endian=False)
         with pytest.raises(pickle.UnpicklingError, match=rf"^{module}\.{name}$"):
             unpickler.find_class(module, name)

@@ -12,18 +12,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
-
 from _configs import ROOT, load_config, tiny_config
 from _workdirs import final_arrays
+
 from resnet_jax import files
 from resnet_jax.train import config as config_lib
-from resnet_jax.train import loop, workdir as workdir_lib
+from resnet_jax.train import loop
+from resnet_jax.train import workdir as workdir_lib
 from resnet_jax.train.checkpoint import verify_files
 from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.workdir import WorkdirError
@@ -40,28 +42,46 @@ def cli_command(workdir: Path, cifar_dir: Path, **overrides: Any) -> list[str]:
     base = config_lib.flatten(load_config("resnet8").to_dict())
     wanted = config_lib.flatten(tiny_config(cifar_dir, **overrides).to_dict())
     flags = [f"--config.{k}={_flag_value(v)}" for k, v in sorted(wanted.items()) if base[k] != v]
-    return [sys.executable, "-m", "resnet_jax.main", "--config", "configs/cifar10.py:resnet8",
-            "--workdir", str(workdir), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "resnet_jax.main",
+        "--config",
+        "configs/cifar10.py:resnet8",
+        "--workdir",
+        str(workdir),
+        *flags,
+    ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """Subprocesses share one compilation cache: after the first run, no run compiles."""
     cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
 
 
-def run(cmd: list[str], env: dict[str, str], kill_when: Callable[[], bool] | None = None,
-        term_when: Callable[[], bool] | None = None, timeout: float = 120,
-        while_frozen: Callable[[], None] | None = None) -> tuple[int, str]:
+def run(
+    cmd: list[str],
+    env: dict[str, str],
+    kill_when: Callable[[], bool] | None = None,
+    term_when: Callable[[], bool] | None = None,
+    timeout: float = 120,
+    while_frozen: Callable[[], None] | None = None,
+) -> tuple[int, str]:
     """Runs `cmd`; sends SIGKILL (or SIGTERM) the moment the condition holds. -> (rc, stderr).
 
     Both are preceded by SIGSTOP, which freezes the process where it is: `while_frozen`
     then sees the workdir exactly as a kill leaves it, and a SIGTERM lands at the step
     where the condition was seen, however fast the machine."""
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as proc:
         deadline = time.monotonic() + timeout
         if kill_when or term_when:
             while proc.poll() is None and time.monotonic() < deadline:
@@ -136,8 +156,12 @@ def test_kill_9_at_several_points_then_rerun_ends_bit_identical(reference, cifar
     # committed (the process cannot exit while stopped, so the kill certainly lands). The
     # rare poll that comes too late to beat results.json has its file removed while the
     # process is frozen, so the rerun always faces the state this case names.
-    rc, err = run(cmd, env, kill_when=lambda: (ckpt / "16").is_dir(),
-                  while_frozen=lambda: (workdir / "results.json").unlink(missing_ok=True))
+    rc, err = run(
+        cmd,
+        env,
+        kill_when=lambda: (ckpt / "16").is_dir(),
+        while_frozen=lambda: (workdir / "results.json").unlink(missing_ok=True),
+    )
     assert rc == KILLED, err[-2000:]
     assert (ckpt / "16").is_dir() and not (workdir / "results.json").exists()
     rc, err = run(cmd, env)
@@ -165,11 +189,13 @@ def _truncate(path: Path) -> None:
 def _garbage(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = os.urandom(64)
+    data[middle : middle + 64] = os.urandom(64)
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [_truncate, Path.unlink, _garbage], ids=["truncated", "missing", "garbage"])
+@pytest.mark.parametrize(
+    "damage", [_truncate, Path.unlink, _garbage], ids=["truncated", "missing", "garbage"]
+)
 def test_damaged_newest_checkpoint_falls_back_to_previous(reference, cifar_dir, tmp_path, env, damage):
     workdir = tmp_path / "w"
     shutil.copytree(reference, workdir)
@@ -214,9 +240,16 @@ def test_divergence_exits_3_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_pa
     workdir = tmp_path / "diverged"
     # Eight gentle warm-up steps (checkpoints 4 and 8), then a learning rate that explodes
     # (the loss passed 1e13 by step 16 on one machine, still finite: 40 steps leave room).
-    cmd = cli_command(workdir, cifar_dir, optimizer__learning_rate=100.0, schedule__warmup_steps=8,
-                      schedule__warmup_learning_rate=0.05, schedule__decay_factor=1.0,
-                      schedule__total_steps=40, schedule__boundaries=(36,))
+    cmd = cli_command(
+        workdir,
+        cifar_dir,
+        optimizer__learning_rate=100.0,
+        schedule__warmup_steps=8,
+        schedule__warmup_learning_rate=0.05,
+        schedule__decay_factor=1.0,
+        schedule__total_steps=40,
+        schedule__boundaries=(36,),
+    )
     rc, err = run(cmd, env)
     assert rc == 3, err[-2000:]
     line = err.strip().splitlines()[-1]
@@ -265,12 +298,14 @@ app.run(main.main)
 def test_nonfinite_state_at_a_save_exits_3_and_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, env):
     workdir = tmp_path / "overflowed"
     cmd = cli_command(workdir, cifar_dir)
-    cmd = [sys.executable, "-c", _POISON_BN_STATS] + cmd[cmd.index("--config"):]
+    cmd = [sys.executable, "-c", _POISON_BN_STATS] + cmd[cmd.index("--config") :]
     rc, err = run(cmd, env)
     assert rc == 3, err[-2000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: training diverged at step 8 (loss and norms finite, but the state holds NaN "
-                           "or infinite values"), line
+    assert line.startswith(
+        "error: training diverged at step 8 (loss and norms finite, but the state holds NaN "
+        "or infinite values"
+    ), line
     assert "last good checkpoint (step 4)" in line
     ckpt = workdir / "checkpoints"
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4]
@@ -288,7 +323,7 @@ def test_different_config_refused_in_one_line_unless_allowed(reference, cifar_di
     shutil.copytree(reference, workdir)
     rc, err = run(cli_command(workdir, cifar_dir, optimizer__learning_rate=0.2), env)
     assert rc == 2, err[-2000:]
-    message = err[err.index("error: "):]
+    message = err[err.index("error: ") :]
     assert "different config" in message and "optimizer.learning_rate: 0.05 -> 0.2" in message
     assert "--config.allow_config_change=True" in message
 
@@ -308,8 +343,9 @@ def test_unwritable_workdir_is_refused_before_training(cifar_dir, tmp_path):
 def test_full_disk_is_refused_before_training(cifar_dir, tmp_path, monkeypatch):
     config = tiny_config(cifar_dir)
     real = shutil.disk_usage
-    monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=50 << 20))  # 50 MiB: below the margin
+    monkeypatch.setattr(
+        workdir_lib.shutil, "disk_usage", lambda path: real(path)._replace(free=50 << 20)
+    )  # 50 MiB: below the margin
     with pytest.raises(WorkdirError, match=r"has 0\.05 GiB free but the run needs at least 0\.06 GiB"):
         loop.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "config.json").exists()

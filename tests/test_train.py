@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from _configs import tiny_config
 from _workdirs import final_arrays
+
 from resnet_jax.data import augment, cifar
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, loop
@@ -21,9 +21,17 @@ def trained(cifar_dir, tmp_path_factory):
     """300 steps of ResNet-8 on 2,048 real training images, evaluated on 500 test images in
     batches of 96, so that the last batch is padded (20 real images, 76 masked)."""
     workdir = tmp_path_factory.mktemp("trained")
-    config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
-                         steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
-                         checkpoint_every_steps=150, optimizer__learning_rate=0.1, eval_batch_size=96)
+    config = tiny_config(
+        cifar_dir,
+        schedule__total_steps=300,
+        schedule__boundaries=(250,),
+        steps_per_dispatch=25,
+        log_every_steps=25,
+        eval_every_steps=150,
+        checkpoint_every_steps=150,
+        optimizer__learning_rate=0.1,
+        eval_batch_size=96,
+    )
     results = loop.train_and_evaluate(config, str(workdir))
     return workdir, results
 
@@ -52,9 +60,17 @@ def test_workdir_holds_what_a_run_needs_to_be_judged(trained):
 
 def test_rerunning_a_finished_run_trains_no_further(trained, cifar_dir):
     workdir, results = trained
-    config = tiny_config(cifar_dir, schedule__total_steps=300, schedule__boundaries=(250,),
-                         steps_per_dispatch=25, log_every_steps=25, eval_every_steps=150,
-                         checkpoint_every_steps=150, optimizer__learning_rate=0.1, eval_batch_size=96)
+    config = tiny_config(
+        cifar_dir,
+        schedule__total_steps=300,
+        schedule__boundaries=(250,),
+        steps_per_dispatch=25,
+        log_every_steps=25,
+        eval_every_steps=150,
+        checkpoint_every_steps=150,
+        optimizer__learning_rate=0.1,
+        eval_batch_size=96,
+    )
     again = loop.train_and_evaluate(config, str(workdir))
     assert again["steps_this_run"] == 0 and again["resumed_from"] == 300
     assert again["final_error"] == results["final_error"]
@@ -69,8 +85,14 @@ def test_padded_eval_batches_count_each_test_image_once(trained, cifar_dir):
     mean, std = augment.normalization_stats(data.train_images[:2048], config.dataset.normalization)
     images = (data.test_images[:500].astype(np.float64) / 255.0 - mean) / std  # as augment.normalize
     model = config_lib.build_model(config, 10)
-    logits = np.asarray(model.apply({"params": items["params"], "batch_stats": items["batch_stats"]},
-                                    images.astype(np.float32), train=False), np.float64)
+    logits = np.asarray(
+        model.apply(
+            {"params": items["params"], "batch_stats": items["batch_stats"]},
+            images.astype(np.float32),
+            train=False,
+        ),
+        np.float64,
+    )
     labels = np.asarray(data.test_labels[:500])
     log_probs = logits - logits.max(axis=1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
@@ -115,7 +137,8 @@ def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatc
 
 
 def test_train_records_after_a_resume_between_two_records_equal_the_uninterrupted_ones(
-        cifar_dir, tmp_path, monkeypatch):
+    cifar_dir, tmp_path, monkeypatch
+):
     """A record every 8 steps, checkpoints every 4, a crash after the checkpoint at step 4: the
     record at step 8 of the resumed run averages steps 1-8 (the steps before the crash come
     back from the checkpoint), exactly as the uninterrupted run's does."""
@@ -137,8 +160,11 @@ def test_train_records_after_a_resume_between_two_records_equal_the_uninterrupte
     assert loop.train_and_evaluate(config, str(tmp_path / "resumed"))["resumed_from"] == 4
 
     def train_records(workdir):
-        return [{k: v for k, v in r.items() if k not in ("images_per_sec", "time")}
-                for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+        return [
+            {k: v for k, v in r.items() if k not in ("images_per_sec", "time")}
+            for r in read_metrics(workdir / "metrics.jsonl")
+            if r["split"] == "train"
+        ]
 
     straight, resumed = train_records(tmp_path / "straight"), train_records(tmp_path / "resumed")
     assert [r["step"] for r in straight] == [8, 16]
@@ -155,7 +181,9 @@ def test_bad_config_is_refused_before_anything_runs(cifar_dir, tmp_path):
 def test_init_from_without_a_weight_loader_is_refused_before_anything_runs(cifar_dir, tmp_path):
     """The trainer reads no weight files itself: the command line hands it the loader."""
     with pytest.raises(ConfigError, match="init_from.*no weight loader.*load_for_init"):
-        loop.train_and_evaluate(tiny_config(cifar_dir, init_from=str(tmp_path / "weights")), str(tmp_path / "w"))
+        loop.train_and_evaluate(
+            tiny_config(cifar_dir, init_from=str(tmp_path / "weights")), str(tmp_path / "w")
+        )
     assert not (tmp_path / "w").exists()
 
 
@@ -170,8 +198,9 @@ def test_fused_scan_equals_step_by_step_dispatch(cifar_dir):
     config = tiny_config(cifar_dir, batch_size=8, reference_batch_size=8)
     derived = config_lib.validate(config)
     mesh = parallel.make_mesh()
-    data = feeding.put_on_devices(cifar.load_cifar10("binary", cifar_dir), mesh, "pixel_mean",
-                                  train_subset=256, eval_subset=8)
+    data = feeding.put_on_devices(
+        cifar.load_cifar10("binary", cifar_dir), mesh, "pixel_mean", train_subset=256, eval_subset=8
+    )
     model = models.build_model("cifar_resnet8")
     tx, _ = loop.build_optimizer(config, derived)
     idx = parallel.host_to_global(batching.train_indices(0, 0, 3, 8, 256), parallel.batch_sharded(mesh, 1))
@@ -208,8 +237,9 @@ def test_trains_without_tensorflow(cifar_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    script = _NO_TF_SCRIPT.format(tests=str(Path(__file__).parent), data=str(cifar_dir),
-                                  workdir=str(tmp_path / "w"))
+    script = _NO_TF_SCRIPT.format(
+        tests=str(Path(__file__).parent), data=str(cifar_dir), workdir=str(tmp_path / "w")
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"steps": 4, "tf": False}

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnet_jax.files import atomic_write_json, flatten_dict, unflatten_dict
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
-from resnet_jax.files import atomic_write_json, flatten_dict, unflatten_dict
 from resnet_jax.train.workdir import WorkdirError, config_differences, prepare_workdir
 
 CONFIG = {
@@ -85,19 +85,34 @@ def test_added_and_removed_keys_count_as_differences():
 def test_a_field_added_after_the_run_started_resumes_at_its_default(tmp_path):
     """config.json written before `b.d` existed: resuming with `b.d` at its default is the same
     experiment; at another value it is a change."""
-    assert config_differences({"b": {"c": 2}}, {"b": {"c": 2, "d": 3}}, set(), added_defaults={"b": {"d": 3}}) == {}
-    assert config_differences({"b": {"c": 2}}, {"b": {"c": 2, "d": 4}}, set(),
-                              added_defaults={"b": {"d": 3}}) == {"b.d": ("<absent>", 4)}
+    assert (
+        config_differences({"b": {"c": 2}}, {"b": {"c": 2, "d": 3}}, set(), added_defaults={"b": {"d": 3}})
+        == {}
+    )
+    assert config_differences(
+        {"b": {"c": 2}}, {"b": {"c": 2, "d": 4}}, set(), added_defaults={"b": {"d": 3}}
+    ) == {"b.d": ("<absent>", 4)}
     # A key the old run had is compared as always, default or not.
-    assert config_differences({"b": {"d": 4}}, {"b": {"d": 3}}, set(),
-                              added_defaults={"b": {"d": 3}}) == {"b.d": (4, 3)}
+    assert config_differences({"b": {"d": 4}}, {"b": {"d": 3}}, set(), added_defaults={"b": {"d": 3}}) == {
+        "b.d": (4, 3)
+    }
     (tmp_path / "config.json").write_text(json.dumps({"a": 1}))
-    prepare_workdir(tmp_path, {"a": 1, "new": "x"}, allow_config_change=False, ignore_keys=set(),
-                    added_defaults={"new": "x"})
+    prepare_workdir(
+        tmp_path,
+        {"a": 1, "new": "x"},
+        allow_config_change=False,
+        ignore_keys=set(),
+        added_defaults={"new": "x"},
+    )
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1, "new": "x"}
     with pytest.raises(WorkdirError, match="new"):
-        prepare_workdir(tmp_path, {"a": 1, "new": "y"}, allow_config_change=False, ignore_keys=set(),
-                        added_defaults={"new": "x"})
+        prepare_workdir(
+            tmp_path,
+            {"a": 1, "new": "y"},
+            allow_config_change=False,
+            ignore_keys=set(),
+            added_defaults={"new": "x"},
+        )
 
 
 def test_flatten_dict_with_either_separator_and_its_inverse():
@@ -105,7 +120,9 @@ def test_flatten_dict_with_either_separator_and_its_inverse():
     assert flatten_dict(tree) == {"a.b": 1, "a.c.d": [2], "e": {}, "f": None}
     assert flatten_dict(tree, sep="/", keep_empty=False) == {"a/b": 1, "a/c/d": [2], "f": None}
     assert unflatten_dict(flatten_dict(tree, sep="/", keep_empty=False), sep="/") == {
-        "a": {"b": 1, "c": {"d": [2]}}, "f": None}
+        "a": {"b": 1, "c": {"d": [2]}},
+        "f": None,
+    }
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
@@ -333,7 +350,12 @@ def test_resume_trims_tensorboard_like_metrics_jsonl(tmp_path):
     resumed.close()
     steps = _event_steps(tf, tmp_path / "tensorboard" / "train")
     assert steps == [(5, "loss", 5.0), (10, "loss", 10.0), (15, "loss", 15.5), (20, "loss", 20.5)]
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"] == [5, 10, 15, 20]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"] == [
+        5,
+        10,
+        15,
+        20,
+    ]
 
 
 def test_every_process_raises_the_error_of_the_first_failed_one(tmp_path, monkeypatch):
@@ -354,7 +376,7 @@ def test_every_process_raises_the_error_of_the_first_failed_one(tmp_path, monkey
         if len(calls) == 1:
             return np.stack([np.array([1, len(theirs)], np.int32), x])
         other = np.zeros_like(x)
-        other[:len(theirs)] = np.frombuffer(theirs, np.uint8)
+        other[: len(theirs)] = np.frombuffer(theirs, np.uint8)
         return np.stack([other, x])
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
@@ -368,8 +390,11 @@ def test_every_process_raises_the_error_of_the_first_failed_one(tmp_path, monkey
 
     # Nobody failed: one exchange of verdicts, no second one, and no error.
     calls.clear()
-    monkeypatch.setattr(multihost_utils, "process_allgather",
-                        lambda x: calls.append(x) or np.stack([np.asarray(x)] * 2))
-    assert workdir_lib.prepare_workdir(tmp_path / "w", {"a": 1}, allow_config_change=False,
-                                       ignore_keys=set()) == tmp_path / "w"
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather", lambda x: calls.append(x) or np.stack([np.asarray(x)] * 2)
+    )
+    assert (
+        workdir_lib.prepare_workdir(tmp_path / "w", {"a": 1}, allow_config_change=False, ignore_keys=set())
+        == tmp_path / "w"
+    )
     assert len(calls) == 1

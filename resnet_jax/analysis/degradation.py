@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -29,27 +30,27 @@ PAPER_RESNET_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7
 # github.com/akamaster/pytorch_resnet_cifar10, README (a PyTorch reimplementation, 200 epochs).
 AKAMASTER_RESNET_ERROR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.32, 1202: 6.18}
 
-_NAME = re.compile(r'^(plain|resnet)(\d+)$')
+_NAME = re.compile(r"^(plain|resnet)(\d+)$")
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
 
 
-def net_names(depths: Iterable[int], families: Sequence[str] = ('plain', 'resnet')) -> list[str]:
+def net_names(depths: Iterable[int], families: Sequence[str] = ("plain", "resnet")) -> list[str]:
     """['plain20', 'resnet20', 'plain32', ...]: the config names of configs/cifar10.py."""
     depths = list(depths)
     for d in depths:
         if not isinstance(d, int) or d < 8 or (d - 2) % 6:
-            raise ValueError(f'depth {d!r} is not a CIFAR depth 6n+2 (8, 14, 20, 32, 44, 56, 110, ...)')
+            raise ValueError(f"depth {d!r} is not a CIFAR depth 6n+2 (8, 14, 20, 32, 44, 56, 110, ...)")
     for f in families:
-        if f not in ('plain', 'resnet'):
+        if f not in ("plain", "resnet"):
             raise ValueError(f"family {f!r} is not 'plain' or 'resnet'")
-    return [f'{f}{d}' for d in depths for f in families]
+    return [f"{f}{d}" for d in depths for f in families]
 
 
 def parse_name(name: str) -> tuple[str, int]:
     m = _NAME.match(name)
     if not m:
-        raise ValueError(f'net name {name!r} is not plain<depth> or resnet<depth>')
+        raise ValueError(f"net name {name!r} is not plain<depth> or resnet<depth>")
     return m.group(1), int(m.group(2))
 
 
@@ -69,7 +70,7 @@ class Shortening:
 
     def apply(self, config: ml_collections.ConfigDict) -> None:
         if self.steps < 4 or self.batch < 1:
-            raise ValueError(f'steps={self.steps} must be >= 4 and batch={self.batch} >= 1')
+            raise ValueError(f"steps={self.steps} must be >= 4 and batch={self.batch} >= 1")
         ref_steps = config.schedule.total_steps or 64_000
         scale = self.batch / config.reference_batch_size
         config.optimizer.learning_rate = config.optimizer.learning_rate * scale
@@ -85,8 +86,9 @@ class Shortening:
         set_cadence(config, log_every=logs, eval_every=evals, checkpoint_every=evals)
 
 
-def set_cadence(config: ml_collections.ConfigDict, log_every: int, eval_every: int,
-                checkpoint_every: int) -> None:
+def set_cadence(
+    config: ml_collections.ConfigDict, log_every: int, eval_every: int, checkpoint_every: int
+) -> None:
     """Sets the cadences and a steps_per_dispatch that divides all three (the trainer
     runs steps in chunks and logs/evaluates/saves only at chunk ends)."""
     k = math.gcd(math.gcd(log_every, eval_every), math.gcd(checkpoint_every, config.steps_per_dispatch))
@@ -102,13 +104,20 @@ def full_schedule_cadence(config: ml_collections.ConfigDict) -> None:
     total = config.schedule.total_steps
     scale = config.reference_batch_size / config.batch_size
     evals = max(1, round(1000 * scale))
-    set_cadence(config, log_every=max(1, round(100 * scale)), eval_every=evals,
-                checkpoint_every=max(evals, round(4000 * scale)) if total else evals)
+    set_cadence(
+        config,
+        log_every=max(1, round(100 * scale)),
+        eval_every=evals,
+        checkpoint_every=max(evals, round(4000 * scale)) if total else evals,
+    )
 
 
-def run_sweep(names: Sequence[str], root: str | Path,
-              make_config: Callable[[str], ml_collections.ConfigDict],
-              train_fn: TrainFn | None = None) -> list[str]:
+def run_sweep(
+    names: Sequence[str],
+    root: str | Path,
+    make_config: Callable[[str], ml_collections.ConfigDict],
+    train_fn: TrainFn | None = None,
+) -> list[str]:
     """Trains every net of ``names`` whose workdir has no results.json; returns those trained.
 
     ``make_config(name)`` gives the full config of a net; ``train_fn(config, workdir)``
@@ -116,15 +125,16 @@ def run_sweep(names: Sequence[str], root: str | Path,
     """
     if train_fn is None:
         from resnet_jax.train.loop import train_and_evaluate
+
         train_fn = train_and_evaluate
     root = Path(root)
     trained = []
     for name in names:
         workdir = root / name
-        if (workdir / 'results.json').is_file():
-            log.info('%s: done earlier (%s), skipped', name, workdir / 'results.json')
+        if (workdir / "results.json").is_file():
+            log.info("%s: done earlier (%s), skipped", name, workdir / "results.json")
             continue
-        log.info('%s: training in %s', name, workdir)
+        log.info("%s: training in %s", name, workdir)
         train_fn(make_config(name), str(workdir))
         trained.append(name)
     return trained
@@ -137,54 +147,66 @@ def collect(names: Sequence[str], root: str | Path) -> dict[str, Any]:
     for name in names:
         family, depth = parse_name(name)
         workdir = root / name
-        metrics_path = workdir / 'metrics.jsonl'
+        metrics_path = workdir / "metrics.jsonl"
         if not metrics_path.is_file():
             continue
         records = read_metrics(metrics_path)
-        eval_split = 'validation' if any(r['split'] == 'validation' for r in records) else 'test'
-        results_path = workdir / 'results.json'
+        eval_split = "validation" if any(r["split"] == "validation" for r in records) else "test"
+        results_path = workdir / "results.json"
         results = json.loads(results_path.read_text()) if results_path.is_file() else None
-        config = json.loads((workdir / 'config.json').read_text()) if (workdir / 'config.json').is_file() else {}
+        config = (
+            json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}
+        )
         runs[name] = {
-            'family': family, 'depth': depth,
-            'train': [[r['step'], r['error']] for r in records if r['split'] == 'train'],
-            'test': [[r['step'], r['error']] for r in records if r['split'] == eval_split],
-            'eval_split': eval_split,
-            'finished': results is not None,
-            'final_error': results['final_error'] if results else None,
-            'best_error': results['best_error'] if results else None,
-            'steps': results['steps'] if results else None,
-            'wall_clock_s': results['wall_clock_s'] if results else None,
+            "family": family,
+            "depth": depth,
+            "train": [[r["step"], r["error"]] for r in records if r["split"] == "train"],
+            "test": [[r["step"], r["error"]] for r in records if r["split"] == eval_split],
+            "eval_split": eval_split,
+            "finished": results is not None,
+            "final_error": results["final_error"] if results else None,
+            "best_error": results["best_error"] if results else None,
+            "steps": results["steps"] if results else None,
+            "wall_clock_s": results["wall_clock_s"] if results else None,
             # The host name stays in the workdir; the figures' JSON goes into the repository.
-            'hardware': ({k: v for k, v in results['hardware'].items() if k != 'host'}
-                         if results and results.get('hardware') else None),
-            'seed': config.get('seed'),
-            'batch_size': config.get('batch_size'),
-            'train_subset': config.get('dataset', {}).get('train_subset'),
-            'eval_subset': config.get('dataset', {}).get('eval_subset'),
+            "hardware": (
+                {k: v for k, v in results["hardware"].items() if k != "host"}
+                if results and results.get("hardware")
+                else None
+            ),
+            "seed": config.get("seed"),
+            "batch_size": config.get("batch_size"),
+            "train_subset": config.get("dataset", {}).get("train_subset"),
+            "eval_subset": config.get("dataset", {}).get("eval_subset"),
         }
-    return {'runs': runs, 'paper_resnet_error': PAPER_RESNET_ERROR,
-            'akamaster_resnet_error': AKAMASTER_RESNET_ERROR}
+    return {
+        "runs": runs,
+        "paper_resnet_error": PAPER_RESNET_ERROR,
+        "akamaster_resnet_error": AKAMASTER_RESNET_ERROR,
+    }
 
 
 def _pct(v: float | None) -> str:
-    return 'not run' if v is None else f'{100 * v:.2f}'
+    return "not run" if v is None else f"{100 * v:.2f}"
 
 
 def markdown_table(data: Mapping[str, Any]) -> str:
     """Final test error (%) per depth, plain and ResNet, beside Table 6 and akamaster."""
-    runs = data['runs']
-    depths = sorted({r['depth'] for r in runs.values()})
-    paper = {int(k): v for k, v in data['paper_resnet_error'].items()}
-    aka = {int(k): v for k, v in data['akamaster_resnet_error'].items()}
-    lines = ['| depth | plain (here) | ResNet (here) | ResNet (paper, Table 6) | ResNet (akamaster) | steps here |',
-             '| ---: | ---: | ---: | ---: | ---: | ---: |']
+    runs = data["runs"]
+    depths = sorted({r["depth"] for r in runs.values()})
+    paper = {int(k): v for k, v in data["paper_resnet_error"].items()}
+    aka = {int(k): v for k, v in data["akamaster_resnet_error"].items()}
+    lines = [
+        "| depth | plain (here) | ResNet (here) | ResNet (paper, Table 6) | ResNet (akamaster) | steps here |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for d in depths:
-        plain, res = runs.get(f'plain{d}'), runs.get(f'resnet{d}')
-        steps = {r['steps'] for r in (plain, res) if r and r['steps']}
+        plain, res = runs.get(f"plain{d}"), runs.get(f"resnet{d}")
+        steps = {r["steps"] for r in (plain, res) if r and r["steps"]}
         lines.append(
             f"| {d} | {_pct(plain and plain['final_error'])} | {_pct(res and res['final_error'])} | "
-            f"{paper.get(d, '-')} | {aka.get(d, '-')} | {'/'.join(map(str, sorted(steps))) or '-'} |")
-    lines.append('')
-    lines.append('Paper: plain nets get worse with depth (Fig. 6, left; no table gives their numbers).')
-    return '\n'.join(lines) + '\n'
+            f"{paper.get(d, '-')} | {aka.get(d, '-')} | {'/'.join(map(str, sorted(steps))) or '-'} |"
+        )
+    lines.append("")
+    lines.append("Paper: plain nets get worse with depth (Fig. 6, left; no table gives their numbers).")
+    return "\n".join(lines) + "\n"

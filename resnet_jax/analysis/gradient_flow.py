@@ -15,7 +15,8 @@ batch statistics, as in a training step).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,12 +28,18 @@ log = logging.getLogger(__name__)
 
 from resnet_jax.analysis.probes import block_interceptor
 
-VARIANTS = ('plain', 'resnet', 'resnet_zero_init')
+VARIANTS = ("plain", "resnet", "resnet_zero_init")
 
 
-def _loss_with_probes(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
-                      labels: jax.Array, probes: Mapping[str, jax.Array] | None,
-                      record: dict | None = None, train: bool = True) -> jax.Array:
+def _loss_with_probes(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    labels: jax.Array,
+    probes: Mapping[str, jax.Array] | None,
+    record: dict | None = None,
+    train: bool = True,
+) -> jax.Array:
     def on_input(name: str, x: jax.Array) -> jax.Array:
         if record is not None:
             record[name] = x
@@ -40,14 +47,15 @@ def _loss_with_probes(model: nn.Module, variables: Mapping[str, Any], images: ja
 
     with nn.intercept_methods(block_interceptor(on_input)):
         if train:
-            logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
         else:
             logits = model.apply(variables, images, train=False)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def block_input_gradients(model: nn.Module, variables: Mapping[str, Any], images: Any, labels: Any,
-                          train: bool = True) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+def block_input_gradients(
+    model: nn.Module, variables: Mapping[str, Any], images: Any, labels: Any, train: bool = True
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
     """(dL/dx per block, x per block, loss): every block's input and the loss's gradient
     there, keyed by block name in network order ('stage1_block1', ...)."""
     images = jnp.asarray(images, jnp.float32)
@@ -78,42 +86,48 @@ def block_input_gradients(model: nn.Module, variables: Mapping[str, Any], images
     return {k: grads[k] for k in order}, {k: inputs[k] for k in order}, loss
 
 
-def gradient_norms(model: nn.Module, variables: Mapping[str, Any], images: Any, labels: Any,
-                   train: bool = True) -> dict[str, Any]:
+def gradient_norms(
+    model: nn.Module, variables: Mapping[str, Any], images: Any, labels: Any, train: bool = True
+) -> dict[str, Any]:
     """Per-block L2 norms of dL/dx over the whole batch, JSON-ready."""
     grads, _, loss = block_input_gradients(model, variables, images, labels, train)
-    blocks = [{'name': name, 'grad_norm': float(jnp.linalg.norm(g.ravel()))} for name, g in grads.items()]
-    norms = np.array([b['grad_norm'] for b in blocks])
+    blocks = [{"name": name, "grad_norm": float(jnp.linalg.norm(g.ravel()))} for name, g in grads.items()]
+    norms = np.array([b["grad_norm"] for b in blocks])
     last = norms[-1] if norms[-1] > 0 else np.nan
     return {
-        'loss': float(loss),
-        'blocks': blocks,
-        'first_over_last': float(norms[0] / last),
-        'min_over_last': float(norms.min() / last),
-        'max_over_last': float(norms.max() / last),
+        "loss": float(loss),
+        "blocks": blocks,
+        "first_over_last": float(norms[0] / last),
+        "min_over_last": float(norms.min() / last),
+        "max_over_last": float(norms.max() / last),
     }
 
 
 def model_name(variant: str, depth: int) -> tuple[str, dict[str, Any]]:
     """Registry name and overrides of a CIFAR net of ``variant`` (see VARIANTS)."""
     if variant not in VARIANTS:
-        raise ValueError(f'variant {variant!r} is not one of {VARIANTS}')
-    if variant == 'plain':
-        return f'cifar_plain{depth}', {}
-    return f'cifar_resnet{depth}', {'zero_init_last': variant == 'resnet_zero_init'}
+        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
+    if variant == "plain":
+        return f"cifar_plain{depth}", {}
+    return f"cifar_resnet{depth}", {"zero_init_last": variant == "resnet_zero_init"}
 
 
 def markdown_table(data: Mapping[str, Any]) -> str:
-    lines = ['| net | blocks | ‖g_first‖ / ‖g_last‖ | min / last | max / last | loss |',
-             '| --- | ---: | ---: | ---: | ---: | ---: |']
-    for name, net in data['nets'].items():
-        lines.append(f"| {name} | {len(net['blocks'])} | {net['first_over_last']:.3g} | "
-                     f"{net['min_over_last']:.3g} | {net['max_over_last']:.3g} | {net['loss']:.3f} |")
-    return '\n'.join(lines) + '\n'
+    lines = [
+        "| net | blocks | ‖g_first‖ / ‖g_last‖ | min / last | max / last | loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, net in data["nets"].items():
+        lines.append(
+            f"| {name} | {len(net['blocks'])} | {net['first_over_last']:.3g} | "
+            f"{net['min_over_last']:.3g} | {net['max_over_last']:.3g} | {net['loss']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
-def sweep_at_init(depths: Sequence[int], variants: Sequence[str], images: Any, labels: Any,
-                  seed: int = 0) -> dict[str, Any]:
+def sweep_at_init(
+    depths: Sequence[int], variants: Sequence[str], images: Any, labels: Any, seed: int = 0
+) -> dict[str, Any]:
     """Gradient norms at initialisation (the trainer's init for ``seed``) for every pair."""
     from resnet_jax import models
     from resnet_jax.analysis.probes import init_variables
@@ -125,8 +139,8 @@ def sweep_at_init(depths: Sequence[int], variants: Sequence[str], images: Any, l
             model = models.build_model(name, **overrides)
             result = gradient_norms(model, init_variables(model, seed), images, labels)
             label = f"{'plain' if variant == 'plain' else 'ResNet'}-{depth}" + (
-                ' zero-init' if variant == 'resnet_zero_init' else '')
-            nets[label] = {'model': name, 'depth': depth, 'variant': variant, 'checkpoint': None,
-                           **result}
-            log.info('%s: |g_first| / |g_last| = %.3g', label, result['first_over_last'])
-    return {'nets': nets, 'seed': seed, 'batch': int(np.shape(labels)[0])}
+                " zero-init" if variant == "resnet_zero_init" else ""
+            )
+            nets[label] = {"model": name, "depth": depth, "variant": variant, "checkpoint": None, **result}
+            log.info("%s: |g_first| / |g_last| = %.3g", label, result["first_over_last"])
+    return {"nets": nets, "seed": seed, "batch": int(np.shape(labels)[0])}

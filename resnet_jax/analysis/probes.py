@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,20 +20,23 @@ import numpy as np
 from resnet_jax import models
 from resnet_jax.models import GhostBatchNorm
 
-_BLOCK_NAME = re.compile(r'stage\d+_block\d+')
+_BLOCK_NAME = re.compile(r"stage\d+_block\d+")
 
 
 def is_block(module: nn.Module) -> bool:
     """A residual or plain block called by the network (named stage<i>_block<j>)."""
-    return (hasattr(type(module), 'residual') and module.name is not None
-            and _BLOCK_NAME.fullmatch(module.name) is not None)
+    return (
+        hasattr(type(module), "residual")
+        and module.name is not None
+        and _BLOCK_NAME.fullmatch(module.name) is not None
+    )
 
 
 def block_interceptor(on_input: Callable[[str, Any], Any]) -> Callable:
     """An interceptor that replaces every block's input ``x`` by ``on_input(name, x)``."""
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == '__call__' and is_block(context.module):
+        if context.method_name == "__call__" and is_block(context.module):
             args = (on_input(context.module.name, args[0]),) + tuple(args[1:])
         return next_fun(*args, **kwargs)
 
@@ -47,18 +51,18 @@ def conv3x3_bn_interceptor(on_response: Callable[[str, Any], None]) -> Callable:
     A BN is matched to the conv that fed it by the identity of the traced array, so
     nothing depends on submodule names.
     """
-    last_conv = {'out': None, 'kernel': None}
+    last_conv = {"out": None, "kernel": None}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
-        if context.method_name != '__call__':
+        if context.method_name != "__call__":
             return out
         if isinstance(module, nn.Conv):
-            last_conv['out'], last_conv['kernel'] = out, tuple(module.kernel_size)
+            last_conv["out"], last_conv["kernel"] = out, tuple(module.kernel_size)
         elif isinstance(module, (GhostBatchNorm, nn.BatchNorm)):
-            if args and args[0] is last_conv['out'] and last_conv['kernel'] == (3, 3):
-                on_response('/'.join(module.path), out)
+            if args and args[0] is last_conv["out"] and last_conv["kernel"] == (3, 3):
+                on_response("/".join(module.path), out)
         return out
 
     return interceptor
@@ -81,37 +85,38 @@ def load_workdir(workdir: str | Path) -> tuple[dict[str, Any], nn.Module, dict[s
     from resnet_jax.train import config as config_lib
 
     workdir = Path(workdir).resolve()
-    config_path = workdir / 'config.json'
+    config_path = workdir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f'{workdir}: no config.json; is this a training workdir?')
+        raise FileNotFoundError(f"{workdir}: no config.json; is this a training workdir?")
     config = json.loads(config_path.read_text())
-    model = models.build_model(config['model']['name'], **config_lib.model_overrides(config['model']))
-    ckpt_dir = workdir / 'checkpoints'
+    model = models.build_model(config["model"]["name"], **config_lib.model_overrides(config["model"]))
+    ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f'{workdir}: no checkpoints/ folder (the run saved nothing yet)')
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (the run saved nothing yet)")
     manager = ocp.CheckpointManager(str(ckpt_dir))
     try:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f'{ckpt_dir}: no checkpoint step')
-        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint step")
+        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     finally:
         manager.close()
-    variables = {'params': items['params'], 'batch_stats': items['batch_stats']}
+    variables = {"params": items["params"], "batch_stats": items["batch_stats"]}
     return config, model, jax.tree.map(jnp.asarray, variables), int(step)
 
 
-def cifar_batch(data_dir: str | None, split: str, count: int, offset: int = 0,
-                normalization: str = 'pixel_mean') -> tuple[np.ndarray, np.ndarray]:
+def cifar_batch(
+    data_dir: str | None, split: str, count: int, offset: int = 0, normalization: str = "pixel_mean"
+) -> tuple[np.ndarray, np.ndarray]:
     """``count`` CIFAR-10 images (float32, normalised with the training set's statistics,
     as the trainer does) and their labels, from ``split`` ('train' or 'test')."""
     from resnet_jax.data import augment, cifar
 
-    data = cifar.load_cifar10('binary' if data_dir else 'auto', data_dir)
-    images = data.train_images if split == 'train' else data.test_images
-    labels = data.train_labels if split == 'train' else data.test_labels
+    data = cifar.load_cifar10("binary" if data_dir else "auto", data_dir)
+    images = data.train_images if split == "train" else data.test_images
+    labels = data.train_labels if split == "train" else data.test_labels
     if not 0 < count <= len(labels) - offset:
-        raise ValueError(f'count={count} with offset={offset}: the {split} split has {len(labels)} images')
+        raise ValueError(f"count={count} with offset={offset}: the {split} split has {len(labels)} images")
     mean, std = augment.normalization_stats(data.train_images, normalization)
-    x = (images[offset:offset + count].astype(np.float32) / 255.0 - mean) / std
-    return x.astype(np.float32), labels[offset:offset + count]
+    x = (images[offset : offset + count].astype(np.float32) / 255.0 - mean) / std
+    return x.astype(np.float32), labels[offset : offset + count]

@@ -57,7 +57,9 @@ def train_indices(seed: int, start_step: int, num_steps: int, batch_size: int, n
     check_positive("n", n)
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size: got {batch_size}, larger than the {n} examples (one epoch needs a full batch)")
+        raise ValueError(
+            f"batch_size: got {batch_size}, larger than the {n} examples (one epoch needs a full batch)"
+        )
     out = np.empty((num_steps, batch_size), dtype=np.int32)
     step, end = start_step, start_step + num_steps
     while step < end:

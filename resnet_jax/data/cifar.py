@@ -57,10 +57,14 @@ class Layout:
         modes = set(self.label_columns)
         for field in ("num_classes", "names_files", "tfds_label_keys"):
             if set(getattr(self, field)) != modes:
-                raise ValueError(f"Layout {self.name}.{field}: keys {sorted(getattr(self, field))}, "
-                                 f"want the label modes {sorted(modes)}")
+                raise ValueError(
+                    f"Layout {self.name}.{field}: keys {sorted(getattr(self, field))}, "
+                    f"want the label modes {sorted(modes)}"
+                )
         if sorted(self.label_columns.values()) != list(range(len(modes))):
-            raise ValueError(f"Layout {self.name}.label_columns: {dict(self.label_columns)}, want bytes 0..{len(modes) - 1}")
+            raise ValueError(
+                f"Layout {self.name}.label_columns: {dict(self.label_columns)}, want bytes 0..{len(modes) - 1}"
+            )
         if set(self.records) != set(self.files) or tuple(self.archive.files) != self.files:
             raise ValueError(f"Layout {self.name}: records and archive.files must name exactly {self.files}")
 
@@ -103,20 +107,28 @@ class Layout:
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 
 CIFAR10 = Layout(
-    name="cifar10", title="CIFAR-10",
-    label_columns={"fine": 0}, num_classes={"fine": 10},
-    train_files=_CIFAR10_TRAIN, test_file="test_batch.bin",
+    name="cifar10",
+    title="CIFAR-10",
+    label_columns={"fine": 0},
+    num_classes={"fine": 10},
+    train_files=_CIFAR10_TRAIN,
+    test_file="test_batch.bin",
     records={name: 10_000 for name in (*_CIFAR10_TRAIN, "test_batch.bin")},
     names_files={"fine": "batches.meta.txt"},
-    default_names={"fine": ("airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck")},
+    default_names={
+        "fine": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    },
     # The official archives: MD5 as the CIFAR home page publishes it, size and SHA256 as
     # tensorflow-datasets registers them (its url_checksums/cifar10.txt, cifar100.txt).
     archive=download.ArchiveSpec(
-        name="cifar-10-binary.tar.gz", url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-        size=170_052_171, md5="c32a1d4ab5d03f1284b67883e8d87530",
+        name="cifar-10-binary.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        size=170_052_171,
+        md5="c32a1d4ab5d03f1284b67883e8d87530",
         sha256="c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
-        directory="cifar-10-batches-bin", files=(*_CIFAR10_TRAIN, "test_batch.bin")),
+        directory="cifar-10-batches-bin",
+        files=(*_CIFAR10_TRAIN, "test_batch.bin"),
+    ),
     env_var="CIFAR10_DIR",
     # Digests of the files inside the official archive. Kept here rather than read from a
     # SHA256SUMS shipped beside the data, because a sums file travelling with a bad copy
@@ -137,17 +149,24 @@ CIFAR10 = Layout(
 # known (tfds registers only the archive's), so verify_checksums has none to check; the
 # download checks the archive's MD5 and SHA256 as for CIFAR-10.
 CIFAR100 = Layout(
-    name="cifar100", title="CIFAR-100",
-    label_columns={"fine": 1, "coarse": 0}, num_classes={"fine": 100, "coarse": 20},
-    train_files=("train.bin",), test_file="test.bin",
+    name="cifar100",
+    title="CIFAR-100",
+    label_columns={"fine": 1, "coarse": 0},
+    num_classes={"fine": 100, "coarse": 20},
+    train_files=("train.bin",),
+    test_file="test.bin",
     records={"train.bin": 50_000, "test.bin": 10_000},
     names_files={"fine": "fine_label_names.txt", "coarse": "coarse_label_names.txt"},
     default_names={},  # the names are a convenience; the labels alone define the task
     archive=download.ArchiveSpec(
-        name="cifar-100-binary.tar.gz", url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
-        size=168_513_733, md5="03b5dce01913d631647c71ecec9e9cb8",
+        name="cifar-100-binary.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        size=168_513_733,
+        md5="03b5dce01913d631647c71ecec9e9cb8",
         sha256="58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
-        directory="cifar-100-binary", files=("train.bin", "test.bin")),
+        directory="cifar-100-binary",
+        files=("train.bin", "test.bin"),
+    ),
     env_var="CIFAR100_DIR",
     file_sha256={},
     tfds_label_keys={"fine": "label", "coarse": "coarse_label"},
@@ -211,8 +230,10 @@ class CifarData:
                     f"want int32[{images.shape[0]}] to match {split}_images"
                 )
             if labels.size and not 0 <= labels.min() <= labels.max() < len(self.class_names):
-                raise ValueError(f"{split}_labels: values outside 0..{len(self.class_names) - 1} "
-                                 f"({len(self.class_names)} class_names)")
+                raise ValueError(
+                    f"{split}_labels: values outside 0..{len(self.class_names) - 1} "
+                    f"({len(self.class_names)} class_names)"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -240,8 +261,9 @@ def load_cifar(
         raise ValueError(f"dataset name: got {name!r}, allowed {', '.join(map(repr, DATASETS))}")
     layout = CIFAR10 if name == CIFAR10.name else CIFAR100  # read at call time: tests replace them
     if label_mode not in layout.label_modes:
-        raise ValueError(f"label_mode: got {label_mode!r}, allowed for {name}: "
-                         f"{', '.join(map(repr, layout.label_modes))}")
+        raise ValueError(
+            f"label_mode: got {label_mode!r}, allowed for {name}: {', '.join(map(repr, layout.label_modes))}"
+        )
     return _load(layout, source, data_dir, validation_size, label_mode, verify_checksums)
 
 
@@ -318,20 +340,34 @@ def _check_validation_size(validation_size: int, num_train: int) -> None:
         )
 
 
-def _load(layout: Layout, source: str, data_dir: str | os.PathLike[str] | None, validation_size: int,
-          label_mode: str, verify_checksums: bool) -> CifarData:
+def _load(
+    layout: Layout,
+    source: str,
+    data_dir: str | os.PathLike[str] | None,
+    validation_size: int,
+    label_mode: str,
+    verify_checksums: bool,
+) -> CifarData:
     """The one way in: the source that `source`, data_dir and the environment designate."""
     if source not in SOURCES:
         raise ValueError(f"source: got {source!r}, allowed {', '.join(map(repr, SOURCES))}")
     if label_mode not in layout.label_modes:
-        raise ValueError(f"label_mode: got {label_mode!r}, allowed {', '.join(map(repr, layout.label_modes))}")
+        raise ValueError(
+            f"label_mode: got {label_mode!r}, allowed {', '.join(map(repr, layout.label_modes))}"
+        )
     _check_validation_size(validation_size, layout.num_train)
-    return hold_out_validation(_locate_and_load(layout, source, data_dir, label_mode, verify_checksums),
-                               validation_size)
+    return hold_out_validation(
+        _locate_and_load(layout, source, data_dir, label_mode, verify_checksums), validation_size
+    )
 
 
-def _locate_and_load(layout: Layout, source: str, data_dir: str | os.PathLike[str] | None, label_mode: str,
-                     verify_checksums: bool) -> CifarData:
+def _locate_and_load(
+    layout: Layout,
+    source: str,
+    data_dir: str | os.PathLike[str] | None,
+    label_mode: str,
+    verify_checksums: bool,
+) -> CifarData:
     if source == "tfds":
         return _load_tfds(layout, data_dir, label_mode)
     given = data_dir if data_dir is not None else os.environ.get(layout.env_var)
@@ -347,8 +383,10 @@ def _locate_and_load(layout: Layout, source: str, data_dir: str | os.PathLike[st
             return _load_tfds(layout, data_dir, label_mode)
         files = f"{layout.train_files[0]}..{layout.test_file}"
         if source == "auto":
-            what = (f"found neither the {layout.title} binary files ({files}), a {layout.directory}/ directory, "
-                    f"{layout.archive.name}, nor a prepared tfds {layout.name}")
+            what = (
+                f"found neither the {layout.title} binary files ({files}), a {layout.directory}/ directory, "
+                f"{layout.archive.name}, nor a prepared tfds {layout.name}"
+            )
         else:
             what = f"holds none of {files}, {layout.directory}/ or {layout.archive.name}"
         raise DataError(f"{origin}={given}: {what}. {layout.how_to_get()}")
@@ -384,8 +422,10 @@ def _load_binary(layout: Layout, location: Path, label_mode: str, verify_checksu
         where = {name: f"{location}:{layout.directory}/{name}" for name in (*layout.files, names_file)}
         for name in layout.files:
             if name not in contents:
-                raise DataError(f"{location}: member {layout.directory}/{name} missing; the archive is not the "
-                                f"official {layout.title} binary version. {layout.how_to_get()}")
+                raise DataError(
+                    f"{location}: member {layout.directory}/{name} missing; the archive is not the "
+                    f"official {layout.title} binary version. {layout.how_to_get()}"
+                )
     else:
         contents, where = {}, {}
         for name in (*layout.files, names_file):
@@ -394,14 +434,17 @@ def _load_binary(layout: Layout, location: Path, label_mode: str, verify_checksu
             if path.is_file():
                 contents[name] = path.read_bytes()
             elif name != names_file:
-                raise DataError(f"{path}: missing ({layout.title} needs {', '.join(layout.files)}). "
-                                f"{layout.how_to_get()}")
+                raise DataError(
+                    f"{path}: missing ({layout.title} needs {', '.join(layout.files)}). {layout.how_to_get()}"
+                )
     if verify_checksums:
         for name in layout.files:
             if name in layout.file_sha256:
                 _verify_sha256(layout, where[name], contents[name], layout.file_sha256[name])
-    parsed = {name: _parse_records(layout, contents[name], where[name], layout.records[name], label_mode)
-              for name in layout.files}
+    parsed = {
+        name: _parse_records(layout, contents[name], where[name], layout.records[name], label_mode)
+        for name in layout.files
+    }
     test_images, test_labels = parsed[layout.test_file]
     source = f"binary:{location}" + (f" ({label_mode} labels)" if len(layout.label_modes) > 1 else "")
     return CifarData(
@@ -449,8 +492,9 @@ def _verify_sha256(layout: Layout, label: str, raw: bytes, expected: str) -> Non
         )
 
 
-def _parse_records(layout: Layout, raw: bytes, label: str, expected: int,
-                   label_mode: str) -> tuple[np.ndarray, np.ndarray]:
+def _parse_records(
+    layout: Layout, raw: bytes, label: str, expected: int, label_mode: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Splits one record file into NHWC uint8 images (a view) and int32 labels."""
     size = layout.record_bytes
     if len(raw) % size:
@@ -476,7 +520,7 @@ def _parse_records(layout: Layout, raw: bytes, label: str, expected: int,
                 f"{layout.how_to_get()}"
             )
     labels = records[:, layout.label_columns[label_mode]].astype(np.int32)
-    images = records[:, layout.label_bytes:].reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
+    images = records[:, layout.label_bytes :].reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, labels
 
 
@@ -540,12 +584,15 @@ def _load_tfds(layout: Layout, data_dir: str | os.PathLike[str] | None, label_mo
         test_images=test_images,
         test_labels=test_labels,
         class_names=tuple(builder.info.features[key].names),
-        source=f"tfds:{builder.data_dir}" + (f" ({label_mode} labels)" if len(layout.label_modes) > 1 else ""),
+        source=f"tfds:{builder.data_dir}"
+        + (f" ({label_mode} labels)" if len(layout.label_modes) > 1 else ""),
     )
 
 
 def prepare_tfds(
-    data_dir: str | os.PathLike[str] | None, archive: str | os.PathLike[str] | None = None, *,
+    data_dir: str | os.PathLike[str] | None,
+    archive: str | os.PathLike[str] | None = None,
+    *,
     name: str = "cifar10",
 ) -> None:
     """Prepares tfds `name` (cifar10, cifar100) in `data_dir` from the official archive, never the network.
@@ -581,16 +628,18 @@ def prepare_tfds(
         ) from err
 
 
-def _tfds_split(tfds: Any, builder: Any, split: str, label_key: str = "label",
-                num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_split(
+    tfds: Any, builder: Any, split: str, label_key: str = "label", num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     if label_key != "label":
         arrays = {**arrays, "label": arrays[label_key]}
     return _official_order(arrays, f"tfds {builder.name} {split} in {builder.data_dir}", num_classes)
 
 
-def _official_order(arrays: Mapping[str, np.ndarray], label: str,
-                    num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def _official_order(
+    arrays: Mapping[str, np.ndarray], label: str, num_classes: int = NUM_CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
     """Restores the binary files' record order from tfds ids ('train_00042').
 
     tfds writes records in a hashed order; the stock builder numbers them by

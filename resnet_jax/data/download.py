@@ -73,8 +73,10 @@ def cached(spec: ArchiveSpec, cache: Path | None = None) -> Path | None:
 
 
 def manual_hint(spec: ArchiveSpec, cache: Path) -> str:
-    return (f"download {spec.url} on a machine with internet access and unpack it into {cache} "
-            f"(giving {cache / spec.directory}/), or point data_dir at the archive or its unpacked folder")
+    return (
+        f"download {spec.url} on a machine with internet access and unpack it into {cache} "
+        f"(giving {cache / spec.directory}/), or point data_dir at the archive or its unpacked folder"
+    )
 
 
 def ensure_extracted(spec: ArchiveSpec, cache: Path | None = None, *, progress: bool = True) -> Path:
@@ -86,8 +88,9 @@ def ensure_extracted(spec: ArchiveSpec, cache: Path | None = None, *, progress: 
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cache {cache} (${CACHE_ENV}): cannot create it ({err}); set ${CACHE_ENV} to a "
-                        "writable folder") from err
+        raise DataError(
+            f"cache {cache} (${CACHE_ENV}): cannot create it ({err}); set ${CACHE_ENV} to a writable folder"
+        ) from err
     with _locked(cache / f".{spec.name}.lock"):
         # Another process (a second host process on this machine) may have finished it meanwhile.
         found = cached(spec, cache)
@@ -120,11 +123,14 @@ def _download(url: str, path: Path, spec: ArchiveSpec, progress: bool) -> None:
     try:
         response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)  # noqa: S310 (http(s) by construction)
     except urllib.error.HTTPError as err:
-        raise DataError(f"{url}: the server answered HTTP {err.code} {err.reason}; "
-                        f"{manual_hint(spec, path.parent)}") from None
+        raise DataError(
+            f"{url}: the server answered HTTP {err.code} {err.reason}; {manual_hint(spec, path.parent)}"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise DataError(f"cannot download {url} ({reason}): offline? {manual_hint(spec, path.parent)}") from None
+        raise DataError(
+            f"cannot download {url} ({reason}): offline? {manual_hint(spec, path.parent)}"
+        ) from None
     with response, open(path, "wb") as out, _bar(spec, progress) as bar:
         try:
             while chunk := response.read(_CHUNK):
@@ -135,13 +141,16 @@ def _download(url: str, path: Path, spec: ArchiveSpec, progress: bool) -> None:
                 bar(len(chunk))
         except (OSError, http.client.HTTPException) as err:
             # A body cut short mid-way: IncompleteRead, a reset or a timed-out socket.
-            raise _BadDownload(f"the download stopped after {received:,} of {spec.size:,} bytes "
-                               f"({type(err).__name__})") from None
+            raise _BadDownload(
+                f"the download stopped after {received:,} of {spec.size:,} bytes ({type(err).__name__})"
+            ) from None
     if received != spec.size:
         raise _BadDownload(f"the download stopped after {received:,} of {spec.size:,} bytes")
     if md5.hexdigest() != spec.md5 or sha256.hexdigest() != spec.sha256:
-        raise _BadDownload(f"md5 {md5.hexdigest()} / sha256 {sha256.hexdigest()} differ from the published "
-                           f"{spec.md5} / {spec.sha256}")
+        raise _BadDownload(
+            f"md5 {md5.hexdigest()} / sha256 {sha256.hexdigest()} differ from the published "
+            f"{spec.md5} / {spec.sha256}"
+        )
 
 
 @contextlib.contextmanager
@@ -151,8 +160,16 @@ def _bar(spec: ArchiveSpec, enabled: bool) -> Iterator:
         return
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-    with tqdm(total=spec.size, unit="B", unit_scale=True, unit_divisor=1024, desc=spec.name,
-              file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    with tqdm(
+        total=spec.size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=spec.name,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    ) as bar:
         yield bar.update
 
 
@@ -164,12 +181,19 @@ def _extract(archive: Path, spec: ArchiveSpec, cache: Path) -> Path:
         wanted = {f"{spec.directory}/{name}" for name in spec.files}
         try:
             with tarfile.open(archive, mode="r:gz") as tar:
-                members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(spec.directory + "/")
-                           and "/" not in m.name[len(spec.directory) + 1:]]
+                members = [
+                    m
+                    for m in tar.getmembers()
+                    if m.isfile()
+                    and m.name.startswith(spec.directory + "/")
+                    and "/" not in m.name[len(spec.directory) + 1 :]
+                ]
                 missing = wanted - {m.name for m in members}
                 if missing:
-                    raise DataError(f"{spec.name}: members {sorted(missing)} missing although its digest "
-                                    "matched; report this")
+                    raise DataError(
+                        f"{spec.name}: members {sorted(missing)} missing although its digest "
+                        "matched; report this"
+                    )
                 # Flat regular files only, so no member can write outside `staging`; the
                 # 'data' filter (Python >= 3.10.12) says the same to tarfile itself.
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}

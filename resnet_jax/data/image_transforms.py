@@ -35,6 +35,7 @@ from resnet_jax.data.constants import EIGVAL, EIGVEC, MEAN_RGB, STD_RGB
 
 # ---------------------------------------------------------------------------- decoding
 
+
 def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
     """(height, width) int32 of an encoded image; reads only the header for JPEGs."""
     return tf.cond(
@@ -56,6 +57,7 @@ def decode(image_bytes: tf.Tensor, window=None, dct_method: str = "INTEGER_ACCUR
     Grayscale JPEGs are expanded and CMYK JPEGs converted by libjpeg (channels=3).
     INTEGER_ACCURATE is libjpeg's default IDCT, the one PIL (hence torchvision) uses.
     """
+
     def jpeg():
         if window is None:
             return tf.io.decode_jpeg(image_bytes, channels=3, dct_method=dct_method)
@@ -73,6 +75,7 @@ def decode(image_bytes: tf.Tensor, window=None, dct_method: str = "INTEGER_ACCUR
 
 
 # ---------------------------------------------------------------------------- geometry
+
 
 def resized_shape(height: tf.Tensor, width: tf.Tensor, shorter: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """torchvision's `Resize(int)` size rule: shorter side = `shorter`, longer side truncated."""
@@ -93,7 +96,9 @@ def _axis_window(offset, out, scale, size):
     return start, stop
 
 
-def resized_crop(image_bytes, shape, resized, crop, out_size, *, window: bool = True, dct_method="INTEGER_ACCURATE"):
+def resized_crop(
+    image_bytes, shape, resized, crop, out_size, *, window: bool = True, dct_method="INTEGER_ACCURATE"
+):
     """Pixels [top:top+out_h, left:left+out_w] of the image resized to `resized` (h, w).
 
     Float32 [out_h, out_w, 3] in 0..255. Equals antialiased bilinear resize of the whole
@@ -113,16 +118,26 @@ def resized_crop(image_bytes, shape, resized, crop, out_size, *, window: bool = 
     else:
         y0 = x0 = tf.constant(0, tf.int32)
         image = decode(image_bytes, dct_method=dct_method)
-    return _scale_translate(image, (out_h, out_w), (scale_y, scale_x),
-                            (tf.cast(y0, tf.float32) * scale_y - tf.cast(top, tf.float32),
-                             tf.cast(x0, tf.float32) * scale_x - tf.cast(left, tf.float32)))
+    return _scale_translate(
+        image,
+        (out_h, out_w),
+        (scale_y, scale_x),
+        (
+            tf.cast(y0, tf.float32) * scale_y - tf.cast(top, tf.float32),
+            tf.cast(x0, tf.float32) * scale_x - tf.cast(left, tf.float32),
+        ),
+    )
 
 
 def _scale_translate(image, out_size, scale, translation):
     out = tf.raw_ops.ScaleAndTranslate(
-        images=image[None], size=tf.stack([tf.cast(v, tf.int32) for v in out_size]),
-        scale=tf.stack(scale), translation=tf.stack(translation),
-        kernel_type="triangle", antialias=True)[0]
+        images=image[None],
+        size=tf.stack([tf.cast(v, tf.int32) for v in out_size]),
+        scale=tf.stack(scale),
+        translation=tf.stack(translation),
+        kernel_type="triangle",
+        antialias=True,
+    )[0]
     # Bilinear weights are non-negative, so this only removes float rounding outside 0..255.
     return tf.ensure_shape(tf.clip_by_value(out, 0.0, 255.0), [None, None, 3])
 
@@ -132,9 +147,15 @@ def resize_shorter(image: tf.Tensor, shorter) -> tf.Tensor:
     shape = tf.shape(image)
     new_h, new_w = resized_shape(shape[0], shape[1], shorter)
     zero = tf.constant(0.0)
-    return _scale_translate(image, (new_h, new_w),
-                            (tf.cast(new_h, tf.float32) / tf.cast(shape[0], tf.float32),
-                             tf.cast(new_w, tf.float32) / tf.cast(shape[1], tf.float32)), (zero, zero))
+    return _scale_translate(
+        image,
+        (new_h, new_w),
+        (
+            tf.cast(new_h, tf.float32) / tf.cast(shape[0], tf.float32),
+            tf.cast(new_w, tf.float32) / tf.cast(shape[1], tf.float32),
+        ),
+        (zero, zero),
+    )
 
 
 def center_offsets(height, width, crop_h, crop_w):
@@ -146,7 +167,10 @@ def center_offsets(height, width, crop_h, crop_w):
 
 # ---------------------------------------------------------------------------- pixel ops
 
-def normalize(image: tf.Tensor, mean: Sequence[float] = MEAN_RGB, std: Sequence[float] = STD_RGB) -> tf.Tensor:
+
+def normalize(
+    image: tf.Tensor, mean: Sequence[float] = MEAN_RGB, std: Sequence[float] = STD_RGB
+) -> tf.Tensor:
     """(image - mean) / std per RGB channel, in the 0..255 units of `image`."""
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
@@ -168,6 +192,7 @@ def _flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 # ---------------------------------------------------------------------------- train
 
+
 def paper_params(seed, shape, image_size: int = 224, scale_range=(256, 480)):
     """The paper transform's random draws for one image of `shape` (h, w).
 
@@ -187,8 +212,16 @@ def paper_params(seed, shape, image_size: int = 224, scale_range=(256, 480)):
     return shorter, (new_h, new_w), (top, left), flip, alpha
 
 
-def train_paper(image_bytes, seed, *, image_size: int = 224, scale_range=(256, 480), pca_std: float = 0.1,
-                mean=MEAN_RGB, std=STD_RGB) -> tf.Tensor:
+def train_paper(
+    image_bytes,
+    seed,
+    *,
+    image_size: int = 224,
+    scale_range=(256, 480),
+    pca_std: float = 0.1,
+    mean=MEAN_RGB,
+    std=STD_RGB,
+) -> tf.Tensor:
     """He et al. 2015 Sec. 3.4 augmentation; float32 [image_size, image_size, 3], normalised.
 
     Shorter side to a uniform integer in `scale_range` (inclusive), a uniform crop, flip with
@@ -197,7 +230,9 @@ def train_paper(image_bytes, seed, *, image_size: int = 224, scale_range=(256, 4
     """
     shape = image_shape(image_bytes)
     _, resized, crop, flip, alpha = paper_params(seed, shape, image_size, scale_range)
-    image = resized_crop(image_bytes, shape, resized, crop, (image_size, image_size), dct_method="INTEGER_FAST")
+    image = resized_crop(
+        image_bytes, shape, resized, crop, (image_size, image_size), dct_method="INTEGER_FAST"
+    )
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     image = pca_lighting(image, alpha * pca_std) if pca_std else image
     return tf.ensure_shape(normalize(image, mean, std), [image_size, image_size, 3])
@@ -207,14 +242,28 @@ def inception_window(seed, shape, area_range=(0.08, 1.0), aspect_range=(3 / 4, 4
     """(top, left, height, width) of a random-resized crop; the whole image if 10 draws fail."""
     whole = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.concat([shape, [3]], 0), bounding_boxes=whole, seed=seed, min_object_covered=area_range[0],
-        aspect_ratio_range=aspect_range, area_range=area_range, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
+        tf.concat([shape, [3]], 0),
+        bounding_boxes=whole,
+        seed=seed,
+        min_object_covered=area_range[0],
+        aspect_ratio_range=aspect_range,
+        area_range=area_range,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
     return begin[0], begin[1], size[0], size[1]
 
 
-def train_inception(image_bytes, seed, *, image_size: int = 224, area_range=(0.08, 1.0),
-                    aspect_range=(3 / 4, 4 / 3), mean=MEAN_RGB, std=STD_RGB) -> tf.Tensor:
+def train_inception(
+    image_bytes,
+    seed,
+    *,
+    image_size: int = 224,
+    area_range=(0.08, 1.0),
+    aspect_range=(3 / 4, 4 / 3),
+    mean=MEAN_RGB,
+    std=STD_RGB,
+) -> tf.Tensor:
     """Inception-style random-resized crop, flip, normalise; float32 [S, S, 3].
 
     Only the crop window is decoded (uint8), scaled down by libjpeg in the DCT domain by the
@@ -225,8 +274,11 @@ def train_inception(image_bytes, seed, *, image_size: int = 224, area_range=(0.0
     seeds = _seeds(seed, 2)
     shape = image_shape(image_bytes)
     window = inception_window(seeds[0], shape, area_range, aspect_range)
-    image = tf.cond(tf.io.is_jpeg(image_bytes), lambda: _decode_reduced(image_bytes, window, image_size),
-                    lambda: decode(image_bytes, window))
+    image = tf.cond(
+        tf.io.is_jpeg(image_bytes),
+        lambda: _decode_reduced(image_bytes, window, image_size),
+        lambda: decode(image_bytes, window),
+    )
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=False)
     image = _flip(image, seeds[1])
     return tf.ensure_shape(normalize(image, mean, std), [image_size, image_size, 3])
@@ -242,14 +294,20 @@ def _decode_reduced(image_bytes, window, image_size):
 
     def at(ratio):
         def fn():
-            crop = tf.stack([top // ratio, left // ratio, tf.maximum(1, height // ratio), tf.maximum(1, width // ratio)])
-            return tf.io.decode_and_crop_jpeg(image_bytes, crop, channels=3, ratio=ratio, dct_method="INTEGER_FAST")
+            crop = tf.stack(
+                [top // ratio, left // ratio, tf.maximum(1, height // ratio), tf.maximum(1, width // ratio)]
+            )
+            return tf.io.decode_and_crop_jpeg(
+                image_bytes, crop, channels=3, ratio=ratio, dct_method="INTEGER_FAST"
+            )
+
         return fn
 
     return tf.ensure_shape(tf.switch_case(branch, [at(1), at(2), at(4), at(8)]), [None, None, 3])
 
 
 # ---------------------------------------------------------------------------- eval
+
 
 def eval_center(image_bytes, *, image_size: int = 224, resize_size: int = 256, mean=MEAN_RGB, std=STD_RGB):
     """torchvision's Resize(resize_size) + CenterCrop(image_size) + Normalize: [1, S, S, 3]."""
@@ -296,8 +354,10 @@ def eval_multi_scale(image_bytes, *, scales=(224, 256, 384, 480, 640), mean=MEAN
         top, left = center_offsets(new_h, new_w, s, s)
         scale_y = tf.cast(new_h, tf.float32) / tf.cast(shape[0], tf.float32)
         scale_x = tf.cast(new_w, tf.float32) / tf.cast(shape[1], tf.float32)
-        view = _scale_translate(image, (s, s), (scale_y, scale_x),
-                                (-tf.cast(top, tf.float32), -tf.cast(left, tf.float32)))
-        groups.append(tf.ensure_shape(normalize(tf.stack([view, tf.reverse(view, axis=[1])]), mean, std),
-                                      [2, s, s, 3]))
+        view = _scale_translate(
+            image, (s, s), (scale_y, scale_x), (-tf.cast(top, tf.float32), -tf.cast(left, tf.float32))
+        )
+        groups.append(
+            tf.ensure_shape(normalize(tf.stack([view, tf.reverse(view, axis=[1])]), mean, std), [2, s, s, 3])
+        )
     return tuple(groups)

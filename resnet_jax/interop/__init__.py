@@ -11,12 +11,36 @@
 The command line is ``python -m resnet_jax.convert``.
 """
 
-from resnet_jax.interop.layout import (SUPPORTED, ConversionError, build_target, detect_arch,
-                                       from_state_dict, to_state_dict)
-from resnet_jax.interop.weights import (convert_file, export_state_dict, init_variables_from,
-                                           load_variables, match_variables, pretrained,
-                                           save_converted)
+from resnet_jax.interop.layout import (
+    SUPPORTED,
+    ConversionError,
+    build_target,
+    detect_arch,
+    from_state_dict,
+    to_state_dict,
+)
+from resnet_jax.interop.weights import (
+    convert_file,
+    export_state_dict,
+    init_variables_from,
+    load_variables,
+    match_variables,
+    pretrained,
+    save_converted,
+)
 
-__all__ = ['SUPPORTED', 'ConversionError', 'build_target', 'detect_arch', 'from_state_dict',
-           'to_state_dict', 'convert_file', 'export_state_dict', 'init_variables_from',
-           'load_variables', 'match_variables', 'pretrained', 'save_converted']
+__all__ = [
+    "SUPPORTED",
+    "ConversionError",
+    "build_target",
+    "detect_arch",
+    "from_state_dict",
+    "to_state_dict",
+    "convert_file",
+    "export_state_dict",
+    "init_variables_from",
+    "load_variables",
+    "match_variables",
+    "pretrained",
+    "save_converted",
+]

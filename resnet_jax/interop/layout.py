@@ -21,22 +21,25 @@ as 0 on export. ``fc.weight`` (classes, C) -> ``head/kernel`` (C, classes).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from resnet_jax import models
 from resnet_jax.errors import UserError
 
-SOURCES = {'torchvision': (18, 34, 50, 101, 152), 'timm': (18, 26, 34, 50, 101, 152)}
+SOURCES = {"torchvision": (18, 34, 50, 101, 152), "timm": (18, 26, 34, 50, 101, 152)}
 TIMM_RESNET26 = (models.Bottleneck, (2, 2, 2, 2))
 # depth -> ('basic' | 'bottleneck', stage sizes): the models' depth table plus timm's ResNet-26,
 # for the depths some source has (neither has ResNet-200).
-DEPTHS = {depth: (models.block_kind(block), sizes)
-          for depth, (block, sizes) in sorted({**models.IMAGENET_DEPTHS, 26: TIMM_RESNET26}.items())
-          if any(depth in depths for depths in SOURCES.values())}
-SUPPORTED = tuple(f'{src}:resnet{d}' for src, depths in SOURCES.items() for d in depths)
-COUNTER = 'num_batches_tracked'
+DEPTHS = {
+    depth: (models.block_kind(block), sizes)
+    for depth, (block, sizes) in sorted({**models.IMAGENET_DEPTHS, 26: TIMM_RESNET26}.items())
+    if any(depth in depths for depths in SOURCES.values())
+}
+SUPPORTED = tuple(f"{src}:resnet{d}" for src, depths in SOURCES.items() for d in depths)
+COUNTER = "num_batches_tracked"
 
 
 class ConversionError(UserError, ValueError):
@@ -49,21 +52,21 @@ def parse_arch(arch: str) -> tuple[str, int]:
     A bare name means torchvision, except resnet26, which only timm has.
     """
     text = str(arch).strip().lower()
-    source, _, name = text.rpartition(':')
-    name = name.split('.', 1)[0]  # timm pretrained tags: 'resnet50.a1_in1k' -> 'resnet50'
-    match = re.fullmatch(r'resnet(\d+)([a-z]*)', name)
+    source, _, name = text.rpartition(":")
+    name = name.split(".", 1)[0]  # timm pretrained tags: 'resnet50.a1_in1k' -> 'resnet50'
+    match = re.fullmatch(r"resnet(\d+)([a-z]*)", name)
     if not source:
-        source = 'timm' if match and match.group(1) == '26' else 'torchvision'
+        source = "timm" if match and match.group(1) == "26" else "torchvision"
     if source not in SOURCES:
-        raise ConversionError(f'unknown source {source!r} in {arch!r}; allowed: {sorted(SOURCES)}')
-    if match and match.group(2) and source == 'timm':
+        raise ConversionError(f"unknown source {source!r} in {arch!r}; allowed: {sorted(SOURCES)}")
+    if match and match.group(2) and source == "timm":
         raise ConversionError(
-            f'timm model {name!r} is not supported: its variant suffix {match.group(2)!r} '
-            '(deep stem and/or average-pool shortcuts) has layers this project\'s ResNet does not '
-            f'have; supported: {", ".join(SUPPORTED)}')
+            f"timm model {name!r} is not supported: its variant suffix {match.group(2)!r} "
+            "(deep stem and/or average-pool shortcuts) has layers this project's ResNet does not "
+            f"have; supported: {', '.join(SUPPORTED)}"
+        )
     if not match or match.group(2) or int(match.group(1)) not in SOURCES[source]:
-        raise ConversionError(f'{arch!r} is not a supported architecture; supported: '
-                              f'{", ".join(SUPPORTED)}')
+        raise ConversionError(f"{arch!r} is not a supported architecture; supported: {', '.join(SUPPORTED)}")
     return source, int(match.group(1))
 
 
@@ -71,38 +74,38 @@ def build_target(arch: str, num_classes: int = 1000, **overrides: Any) -> models
     """This project's model with the architecture of ``arch`` (stride on the 3x3, option B)."""
     _, depth = parse_arch(arch)
     kind, sizes = DEPTHS[depth]
-    base = 'resnet18' if kind == 'basic' else 'resnet50'
-    return models.build_model(base, stage_sizes=sizes, stride_on_3x3=True,
-                              num_classes=num_classes, **overrides)
+    base = "resnet18" if kind == "basic" else "resnet50"
+    return models.build_model(
+        base, stage_sizes=sizes, stride_on_3x3=True, num_classes=num_classes, **overrides
+    )
 
 
 def model_name(arch: str) -> str:
     """The build_model name for ``arch``: resnetN, except timm's ResNet-26, which the depth
     table lacks: 'resnet50' with ``stage_sizes=(2, 2, 2, 2)`` (see :func:`build_target`)."""
     _, depth = parse_arch(arch)
-    return 'resnet50' if depth == 26 else f'resnet{depth}'
+    return "resnet50" if depth == 26 else f"resnet{depth}"
 
 
 def canonical_arch(arch: str) -> str:
     """'resnet50' -> 'torchvision:resnet50', 'timm:resnet26.bt_in1k' -> 'timm:resnet26'."""
     source, depth = parse_arch(arch)
-    return f'{source}:resnet{depth}'
+    return f"{source}:resnet{depth}"
 
 
 def _conv(jax_path: tuple[str, ...], torch_key: str, shape: tuple[int, ...]):
-    yield torch_key + '.weight', ('params', *jax_path, 'kernel'), 'conv', shape
+    yield torch_key + ".weight", ("params", *jax_path, "kernel"), "conv", shape
 
 
 def _bn(jax_path: tuple[str, ...], torch_key: str, channels: int):
-    yield torch_key + '.weight', ('params', *jax_path, 'scale'), 'vec', (channels,)
-    yield torch_key + '.bias', ('params', *jax_path, 'bias'), 'vec', (channels,)
-    yield torch_key + '.running_mean', ('batch_stats', *jax_path, 'mean'), 'vec', (channels,)
-    yield torch_key + '.running_var', ('batch_stats', *jax_path, 'var'), 'vec', (channels,)
-    yield torch_key + '.' + COUNTER, None, 'counter', ()
+    yield torch_key + ".weight", ("params", *jax_path, "scale"), "vec", (channels,)
+    yield torch_key + ".bias", ("params", *jax_path, "bias"), "vec", (channels,)
+    yield torch_key + ".running_mean", ("batch_stats", *jax_path, "mean"), "vec", (channels,)
+    yield torch_key + ".running_var", ("batch_stats", *jax_path, "var"), "vec", (channels,)
+    yield torch_key + "." + COUNTER, None, "counter", ()
 
 
-def correspondence(arch: str, num_classes: int = 1000
-                   ) -> Iterator[tuple[str, Any, str, tuple[int, ...]]]:
+def correspondence(arch: str, num_classes: int = 1000) -> Iterator[tuple[str, Any, str, tuple[int, ...]]]:
     """(torch key, variables path or None, kind, torch shape) in torch's state_dict order.
 
     kind: 'conv' (OIHW <-> HWIO), 'vec', 'fc_weight' (transposed), 'counter' (not imported).
@@ -111,43 +114,43 @@ def correspondence(arch: str, num_classes: int = 1000
     """
     _, depth = parse_arch(arch)
     kind, sizes = DEPTHS[depth]
-    yield from _conv(('stem_conv',), 'conv1', (64, 3, 7, 7))
-    yield from _bn(('stem_bn',), 'bn1', 64)
+    yield from _conv(("stem_conv",), "conv1", (64, 3, 7, 7))
+    yield from _bn(("stem_bn",), "bn1", 64)
     cin = 64
     for i, size in enumerate(sizes):
-        width = 64 * 2 ** i
+        width = 64 * 2**i
         for j in range(size):
-            block, prefix = f'stage{i + 1}_block{j + 1}', f'layer{i + 1}.{j}'
-            if kind == 'basic':
+            block, prefix = f"stage{i + 1}_block{j + 1}", f"layer{i + 1}.{j}"
+            if kind == "basic":
                 convs = [(width, cin, 3, 3), (width, width, 3, 3)]
             else:
                 convs = [(width, cin, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
             for c, shape in enumerate(convs, start=1):
-                yield from _conv((block, f'conv{c}'), f'{prefix}.conv{c}', shape)
-                yield from _bn((block, f'bn{c}'), f'{prefix}.bn{c}', shape[0])
+                yield from _conv((block, f"conv{c}"), f"{prefix}.conv{c}", shape)
+                yield from _bn((block, f"bn{c}"), f"{prefix}.bn{c}", shape[0])
             cout = convs[-1][0]
             # torchvision/timm project where the shape changes (option B): the first block
             # of every stage except the first stage of a basic net (64 -> 64, stride 1).
             if j == 0 and (cin != cout or i > 0):
-                yield from _conv((block, 'proj_conv'), f'{prefix}.downsample.0', (cout, cin, 1, 1))
-                yield from _bn((block, 'proj_bn'), f'{prefix}.downsample.1', cout)
+                yield from _conv((block, "proj_conv"), f"{prefix}.downsample.0", (cout, cin, 1, 1))
+                yield from _bn((block, "proj_bn"), f"{prefix}.downsample.1", cout)
             cin = cout
-    yield 'fc.weight', ('params', 'head', 'kernel'), 'fc_weight', (num_classes, cin)
-    yield 'fc.bias', ('params', 'head', 'bias'), 'vec', (num_classes,)
+    yield "fc.weight", ("params", "head", "kernel"), "fc_weight", (num_classes, cin)
+    yield "fc.bias", ("params", "head", "bias"), "vec", (num_classes,)
 
 
 def _to_jax(value: np.ndarray, kind: str) -> np.ndarray:
-    if kind == 'conv':
+    if kind == "conv":
         return np.transpose(value, (2, 3, 1, 0))
-    if kind == 'fc_weight':
+    if kind == "fc_weight":
         return np.transpose(value)
     return value
 
 
 def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
-    if kind == 'conv':
+    if kind == "conv":
         return np.transpose(value, (3, 2, 0, 1))
-    if kind == 'fc_weight':
+    if kind == "fc_weight":
         return np.transpose(value)
     return value
 
@@ -170,15 +173,17 @@ def expected_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
 
 
 def num_classes_of(state_dict: Mapping[str, Any]) -> int:
-    if 'fc.weight' not in state_dict:
-        raise ConversionError('the state dict has no fc.weight, so it is not a torchvision/timm '
-                              f'ResNet classifier (first keys: {list(state_dict)[:3]})')
-    return int(np.shape(state_dict['fc.weight'])[0])
+    if "fc.weight" not in state_dict:
+        raise ConversionError(
+            "the state dict has no fc.weight, so it is not a torchvision/timm "
+            f"ResNet classifier (first keys: {list(state_dict)[:3]})"
+        )
+    return int(np.shape(state_dict["fc.weight"])[0])
 
 
 def detect_arch(state_dict: Mapping[str, Any]) -> str | None:
     """The supported architecture whose keys and shapes the state dict has, if any."""
-    for arch in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'timm:resnet26'):
+    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "timm:resnet26"):
         try:
             check_state_dict(state_dict, arch)
         except ConversionError:
@@ -197,21 +202,23 @@ def check_state_dict(state_dict: Mapping[str, Any], arch: str) -> None:
         if key not in state_dict:
             if key.endswith(COUNTER):
                 continue
-            raise ConversionError(f'key {key!r} that {arch} needs is missing from the state dict')
+            raise ConversionError(f"key {key!r} that {arch} needs is missing from the state dict")
         got = tuple(np.shape(state_dict[key]))
         if got != shape:
-            raise ConversionError(f'key {key!r} has shape {got}; {arch} needs {shape}')
+            raise ConversionError(f"key {key!r} has shape {got}; {arch} needs {shape}")
     extra = [k for k in given if k not in expected]
     if extra:
-        raise ConversionError(f'key {extra[0]!r} in the state dict is not part of {arch} '
-                              f'({len(extra)} unexpected key(s) in all); nothing is dropped '
-                              'silently: remove them or choose the architecture that has them')
+        raise ConversionError(
+            f"key {extra[0]!r} in the state dict is not part of {arch} "
+            f"({len(extra)} unexpected key(s) in all); nothing is dropped "
+            "silently: remove them or choose the architecture that has them"
+        )
 
 
 def _describe_mismatch(state_dict: Mapping[str, Any], arch: str, error: ConversionError) -> str:
     guess = detect_arch(state_dict)
-    hint = f'; the file looks like {guess}' if guess and guess != arch else ''
-    return f'{error}{hint}'
+    hint = f"; the file looks like {guess}" if guess and guess != arch else ""
+    return f"{error}{hint}"
 
 
 def from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
@@ -223,7 +230,7 @@ def from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
         check_state_dict(state_dict, arch)
     except ConversionError as e:
         raise ConversionError(_describe_mismatch(state_dict, arch, e)) from None
-    variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for key, path, kind, _ in correspondence(arch):
         if path is not None:
             value = np.asarray(state_dict[key], dtype=np.float32)
@@ -246,20 +253,24 @@ def to_state_dict(variables: Mapping[str, Any], arch: str) -> dict[str, np.ndarr
         try:
             leaf = _get(variables, path)
         except (KeyError, TypeError):
-            raise ConversionError(f'variables have no {"/".join(path)}, which {arch} needs '
-                                  f'(for {key!r})') from None
+            raise ConversionError(
+                f"variables have no {'/'.join(path)}, which {arch} needs (for {key!r})"
+            ) from None
         used.add(path)
         out[key] = np.ascontiguousarray(_to_torch(np.asarray(leaf, np.float32), kind))
     leaves = _paths(variables)
     extra = [p for p in leaves if p not in used]
     if extra:
-        raise ConversionError(f'variable {"/".join(extra[0])} is not part of {arch} '
-                              f'({len(extra)} extra leaves); is this another architecture?')
-    expected = expected_shapes(arch, int(out['fc.weight'].shape[0]))
+        raise ConversionError(
+            f"variable {'/'.join(extra[0])} is not part of {arch} "
+            f"({len(extra)} extra leaves); is this another architecture?"
+        )
+    expected = expected_shapes(arch, int(out["fc.weight"].shape[0]))
     for key, shape in expected.items():
         if tuple(out[key].shape) != shape:
-            raise ConversionError(f'variables give {key!r} the shape {tuple(out[key].shape)}; '
-                                  f'{arch} needs {shape}')
+            raise ConversionError(
+                f"variables give {key!r} the shape {tuple(out[key].shape)}; {arch} needs {shape}"
+            )
     return out
 
 

@@ -53,8 +53,9 @@ class LinenNet(nnx.Module):
         out, updates = self.model.apply(variables, x, train=True, mutable=["batch_stats"], **kwargs)
         # In place (Variable.set_value), not by replacing the Variables: NNX transforms
         # (jit, grad) carry in-place writes out to the caller's module.
-        jax.tree.map(lambda var, new: var.set_value(new), self.batch_stats, updates["batch_stats"],
-                     is_leaf=_is_var)
+        jax.tree.map(
+            lambda var, new: var.set_value(new), self.batch_stats, updates["batch_stats"], is_leaf=_is_var
+        )
         return out
 
 
@@ -76,8 +77,9 @@ def to_nnx(model: Any, variables: Mapping[str, Any], seed: int = 0) -> LinenNet:
     changes nothing). A variable missing from ``variables``, of another shape, or left over
     in it raises ConversionError naming it; values are cast to the model's dtypes.
     """
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3), jnp.float32),
-                                                 train=False))
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    )
     loaded: dict[str, Any] = {}
     for collection in _COLLECTIONS:
         given = variables.get(collection, {})
@@ -89,11 +91,14 @@ def to_nnx(model: Any, variables: Mapping[str, Any], seed: int = 0) -> LinenNet:
                 for name in names:
                     node = node[name]
             except (KeyError, TypeError):
-                raise ConversionError(f'variables have no {collection}/{"/".join(names)}, '
-                                      "which the model needs") from None
+                raise ConversionError(
+                    f"variables have no {collection}/{'/'.join(names)}, which the model needs"
+                ) from None
             if tuple(node.shape) != tuple(spec.shape):
-                raise ConversionError(f'{collection}/{"/".join(names)} has shape '
-                                      f"{tuple(node.shape)}; the model needs {tuple(spec.shape)}")
+                raise ConversionError(
+                    f"{collection}/{'/'.join(names)} has shape "
+                    f"{tuple(node.shape)}; the model needs {tuple(spec.shape)}"
+                )
             return jnp.asarray(node, spec.dtype)
 
         loaded[collection] = jax.tree_util.tree_map_with_path(load, dict(abstract.get(collection, {})))
@@ -101,8 +106,7 @@ def to_nnx(model: Any, variables: Mapping[str, Any], seed: int = 0) -> LinenNet:
         needed = {tuple(leaf) for leaf in _leaf_paths(abstract.get(collection, {}))}
         for leaf in _leaf_paths(variables[collection]):
             if collection not in _COLLECTIONS or leaf not in needed:
-                raise ConversionError(f'variable {collection}/{"/".join(leaf)} has no place in '
-                                      "the model")
+                raise ConversionError(f"variable {collection}/{'/'.join(leaf)} has no place in the model")
     return LinenNet(model, loaded["params"], loaded["batch_stats"])
 
 

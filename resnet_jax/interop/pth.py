@@ -33,8 +33,10 @@ from resnet_jax.interop.layout import ConversionError
 _WRAPPERS = ("state_dict", "model")
 # The pickle of torch's legacy format starts with protocol 2 + this long int (torch's MAGIC_NUMBER).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-_RESAVE = ("re-save it with a torch >= 1.6 (torch.load it there, then torch.save(state_dict, path)), "
-           "or as .safetensors")
+_RESAVE = (
+    "re-save it with a torch >= 1.6 (torch.load it there, then torch.save(state_dict, path)), "
+    "or as .safetensors"
+)
 
 
 class _StorageType:
@@ -49,10 +51,21 @@ class _StorageType:
 
 
 # bfloat16 storages are read as their raw uint16 bits and widened to float32 after striding.
-_STORAGES = {name: _StorageType(name, dtype) for name, dtype in [
-    ("FloatStorage", "<f4"), ("HalfStorage", "<f2"), ("BFloat16Storage", "<u2"),
-    ("DoubleStorage", "<f8"), ("LongStorage", "<i8"), ("IntStorage", "<i4"),
-    ("ShortStorage", "<i2"), ("CharStorage", "<i1"), ("ByteStorage", "<u1"), ("BoolStorage", "|b1")]}
+_STORAGES = {
+    name: _StorageType(name, dtype)
+    for name, dtype in [
+        ("FloatStorage", "<f4"),
+        ("HalfStorage", "<f2"),
+        ("BFloat16Storage", "<u2"),
+        ("DoubleStorage", "<f8"),
+        ("LongStorage", "<i8"),
+        ("IntStorage", "<i4"),
+        ("ShortStorage", "<i2"),
+        ("CharStorage", "<i1"),
+        ("ByteStorage", "<u1"),
+        ("BoolStorage", "|b1"),
+    ]
+}
 
 
 class _Storage:
@@ -69,18 +82,19 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return value
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
     """numpy twin of torch._utils._rebuild_tensor_v2: a contiguous copy of the strided view."""
     if not isinstance(storage, _Storage):
-        raise pickle.UnpicklingError(f"tensor storage must come from a persistent id, got "
-                                     f"{type(storage).__name__}")
+        raise pickle.UnpicklingError(
+            f"tensor storage must come from a persistent id, got {type(storage).__name__}"
+        )
     if metadata:  # conj/neg bits and the like: not something a state dict of weights carries
         raise pickle.UnpicklingError(f"tensor metadata {metadata!r} is not supported")
     size, stride = _as_int_tuple(size, "size"), _as_int_tuple(stride, "stride")
     if type(storage_offset) is not int or storage_offset < 0 or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"bad tensor geometry: offset {storage_offset!r}, size {size}, "
-                                     f"stride {stride}")
+        raise pickle.UnpicklingError(
+            f"bad tensor geometry: offset {storage_offset!r}, size {size}, stride {stride}"
+        )
     flat = storage.array
     if 0 in size:
         out = np.zeros(size, flat.dtype)
@@ -88,12 +102,14 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
         # as_strided does no bounds check: a hostile file could otherwise make it read past the storage.
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= flat.size:
-            raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride} at offset "
-                                         f"{storage_offset} reaches past its storage of {flat.size} "
-                                         "elements")
-        view = np.lib.stride_tricks.as_strided(flat[storage_offset:], shape=size,
-                                               strides=[s * flat.itemsize for s in stride],
-                                               writeable=False)
+            raise pickle.UnpicklingError(
+                f"tensor of size {size}, stride {stride} at offset "
+                f"{storage_offset} reaches past its storage of {flat.size} "
+                "elements"
+            )
+        view = np.lib.stride_tricks.as_strided(
+            flat[storage_offset:], shape=size, strides=[s * flat.itemsize for s in stride], writeable=False
+        )
         out = np.array(view, order="C")
     if storage.bfloat16:
         out = (out.astype(np.uint32) << 16).view(np.float32)
@@ -139,9 +155,15 @@ class _Unpickler(pickle.Unpickler):
             raise _RefusedGlobal(f"{module}.{name}") from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-                and type(pid[4]) is int and pid[4] >= 0):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         _, kind, key, _location, numel = pid  # location (cpu, cuda:0, ...): everything lands in numpy
         if key not in self._storages:
@@ -152,16 +174,18 @@ class _Unpickler(pickle.Unpickler):
                 raise pickle.UnpicklingError(f"storage {name} is missing from the archive") from None
             nbytes = numel * kind.dtype.itemsize
             if info.file_size != nbytes:
-                raise pickle.UnpicklingError(f"storage {name} holds {info.file_size} bytes; {numel} "
-                                             f"elements of {kind!r} need {nbytes}")
+                raise pickle.UnpicklingError(
+                    f"storage {name} holds {info.file_size} bytes; {numel} elements of {kind!r} need {nbytes}"
+                )
             dtype = kind.dtype.newbyteorder(">") if self._big_endian else kind.dtype
             array = np.frombuffer(self._archive.read(name), dtype=dtype)
             if self._big_endian:
                 array = array.astype(kind.dtype)
             self._storages[key] = _Storage(array, kind)
         if self._storages[key].kind is not kind:
-            raise pickle.UnpicklingError(f"storage {key!r} is read as both {self._storages[key].kind!r} "
-                                         f"and {kind!r}")
+            raise pickle.UnpicklingError(
+                f"storage {key!r} is read as both {self._storages[key].kind!r} and {kind!r}"
+            )
         return self._storages[key]
 
 
@@ -178,8 +202,9 @@ def read(path: str | os.PathLike) -> Any:
     except OSError as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
     if head == _LEGACY_MAGIC:
-        raise ConversionError(f"{path} is in the legacy (pre-1.6) torch format, which is read only "
-                              f"by torch itself; {_RESAVE}")
+        raise ConversionError(
+            f"{path} is in the legacy (pre-1.6) torch format, which is read only by torch itself; {_RESAVE}"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             return _read_archive(path, archive)
@@ -189,20 +214,35 @@ def read(path: str | os.PathLike) -> Any:
         raise ConversionError(
             f"refusing {path}: it holds pickled objects other than tensors ({e.name}), and "
             "unpickling them could run code. Only plain state dicts of tensors are accepted; "
-            "re-save the file as model.state_dict() or as .safetensors") from None
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError,
-            TypeError, AttributeError, IndexError, zipfile.LargeZipFile) as e:
+            "re-save the file as model.state_dict() or as .safetensors"
+        ) from None
+    except (
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        zipfile.LargeZipFile,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ConversionError(f"cannot read {path} as a PyTorch weight file (truncated, damaged or "
-                              f"not a .pth?): {type(e).__name__}: {first}") from None
+        raise ConversionError(
+            f"cannot read {path} as a PyTorch weight file (truncated, damaged or "
+            f"not a .pth?): {type(e).__name__}: {first}"
+        ) from None
 
 
 def _read_archive(path: Path, archive: zipfile.ZipFile) -> Any:
     pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
     if len(pickles) != 1:
-        raise ConversionError(f"cannot read {path} as a PyTorch weight file: a torch.save archive has "
-                              f"one <name>/data.pkl, this zip has {len(pickles)}")
-    prefix = pickles[0][:-len("data.pkl")]
+        raise ConversionError(
+            f"cannot read {path} as a PyTorch weight file: a torch.save archive has "
+            f"one <name>/data.pkl, this zip has {len(pickles)}"
+        )
+    prefix = pickles[0][: -len("data.pkl")]
     byteorder = b"little"  # what torch assumes when the record is absent (files before 1.10)
     if f"{prefix}byteorder" in archive.namelist():
         byteorder = archive.read(f"{prefix}byteorder").strip()
@@ -213,8 +253,11 @@ def _read_archive(path: Path, archive: zipfile.ZipFile) -> Any:
 
 
 def _flat_arrays(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+    )
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
@@ -233,10 +276,11 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
                 obj, note = obj[wrapper], f"the {wrapper!r} entry (other entries ignored: {others})"
                 break
     if not _flat_arrays(obj):
-        raise ConversionError(f"{path} does not hold a state dict (a mapping from names to "
-                              f"tensors) but {type(obj).__name__}")
+        raise ConversionError(
+            f"{path} does not hold a state dict (a mapping from names to tensors) but {type(obj).__name__}"
+        )
     keys = list(obj)
     if all(k.startswith("module.") for k in keys):
         # torch.nn.DataParallel / DDP wrap every key; the weights are the same.
-        obj, note = {k[len("module."):]: v for k, v in obj.items()}, note + ", 'module.' prefix removed"
+        obj, note = {k[len("module.") :]: v for k, v in obj.items()}, note + ", 'module.' prefix removed"
     return dict(obj), note

@@ -20,16 +20,19 @@ from resnet_jax.interop import pth
 from resnet_jax.interop.layout import ConversionError
 
 # Reading .pth needs no torch; writing one (an export) does, and safetensors files need safetensors.
-INSTALL_HINT = ('pip install torch==2.14.1 (to write .pth exports; reading .pth needs no torch), '
-                'safetensors for .safetensors files')
+INSTALL_HINT = (
+    "pip install torch==2.14.1 (to write .pth exports; reading .pth needs no torch), "
+    "safetensors for .safetensors files"
+)
 
 
 def _torch():
     try:
         import torch
     except ImportError as e:
-        raise ConversionError(f'writing .pth files needs PyTorch, which is not installed ({e}); '
-                              f'install it with: {INSTALL_HINT}') from None
+        raise ConversionError(
+            f"writing .pth files needs PyTorch, which is not installed ({e}); install it with: {INSTALL_HINT}"
+        ) from None
     return torch
 
 
@@ -38,9 +41,9 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str
     or .safetensors file, without torch. Refuses pickles that carry anything but tensors."""
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f'{path}: no such file')
-    if path.suffix == '.safetensors':
-        return _load_safetensors(path), 'safetensors'
+        raise ConversionError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path), "safetensors"
     return pth.load_state_dict(path)
 
 
@@ -48,26 +51,29 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import load_file
     except ImportError as e:
-        raise ConversionError(f'reading {path} needs the safetensors package ({e}): '
-                              'pip install safetensors') from None
+        raise ConversionError(
+            f"reading {path} needs the safetensors package ({e}): pip install safetensors"
+        ) from None
     try:
         return dict(load_file(str(path)))
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise ConversionError(f'cannot read {path} as a safetensors file (truncated or '
-                              f'damaged?): {type(e).__name__}: {e}') from None
+        raise ConversionError(
+            f"cannot read {path} as a safetensors file (truncated or damaged?): {type(e).__name__}: {e}"
+        ) from None
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Writes a torch-loadable state dict (.pth via torch.save, or .safetensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == '.safetensors':
+    if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
+
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
         return path
     torch = _torch()
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(tensors, tmp)
     os.replace(tmp, path)
     return path

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +32,20 @@ from resnet_jax.interop.layout import ConversionError
 
 log = logging.getLogger(__name__)
 
-META_FILE = 'pretrained.json'
+META_FILE = "pretrained.json"
 FORMAT = 1
-WEIGHT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # Architecture fields that decide what the weights mean without showing in their shapes
 # (a stride position, an epsilon): an export must agree on them, not just on the shapes.
-_SEMANTIC_FIELDS = ('stage_sizes', 'stage_widths', 'stem', 'width_multiplier', 'shortcut',
-                    'stride_on_3x3', 'bn_epsilon')
+_SEMANTIC_FIELDS = (
+    "stage_sizes",
+    "stage_widths",
+    "stem",
+    "width_multiplier",
+    "shortcut",
+    "stride_on_3x3",
+    "bn_epsilon",
+)
 
 
 def is_weight_file(path: str | os.PathLike) -> bool:
@@ -46,15 +54,17 @@ def is_weight_file(path: str | os.PathLike) -> bool:
 
 def _sha256(path: Path) -> str:
     import hashlib
+
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def convert_file(path: str | os.PathLike, arch: str | None = None
-                 ) -> tuple[models.ResNet, dict[str, Any], dict[str, Any]]:
+def convert_file(
+    path: str | os.PathLike, arch: str | None = None
+) -> tuple[models.ResNet, dict[str, Any], dict[str, Any]]:
     """(model, variables as numpy, record) from a torchvision/timm .pth or .safetensors.
 
     ``arch`` ('resnet50', 'timm:resnet26', ...) defaults to the architecture whose keys and
@@ -73,62 +83,75 @@ def convert_file(path: str | os.PathLike, arch: str | None = None
             try:
                 layout.check_state_dict(state_dict, guess)
             except ConversionError as e:
-                raise ConversionError(f'{path} is not a supported ResNet ({e}); supported: '
-                                      f'{", ".join(layout.SUPPORTED)}') from None
+                raise ConversionError(
+                    f"{path} is not a supported ResNet ({e}); supported: {', '.join(layout.SUPPORTED)}"
+                ) from None
     try:
         variables = layout.from_state_dict(state_dict, arch)
     except ConversionError as e:
-        raise ConversionError(f'{path}: {e}') from None
+        raise ConversionError(f"{path}: {e}") from None
     classes = layout.num_classes_of(state_dict)
     model = layout.build_target(arch, classes)
-    record = {'format': FORMAT, 'model': layout.model_name(arch),
-              'model_overrides': _overrides(model), 'arch': layout.canonical_arch(arch),
-              'source': {'file': path.name, 'sha256': _sha256(path), 'read': note}}
+    record = {
+        "format": FORMAT,
+        "model": layout.model_name(arch),
+        "model_overrides": _overrides(model),
+        "arch": layout.canonical_arch(arch),
+        "source": {"file": path.name, "sha256": _sha256(path), "read": note},
+    }
     return model, variables, record
 
 
 def _closest_arch(state_dict: Mapping[str, Any]) -> str:
-    blocks = [sum(1 for k in state_dict if k.startswith(f'layer{i}.') and k.endswith('.conv1.weight'))
-              for i in range(1, 5)]
-    bottleneck = any(k.endswith('.conv3.weight') for k in state_dict)
+    blocks = [
+        sum(1 for k in state_dict if k.startswith(f"layer{i}.") and k.endswith(".conv1.weight"))
+        for i in range(1, 5)
+    ]
+    bottleneck = any(k.endswith(".conv3.weight") for k in state_dict)
     for depth, (kind, sizes) in layout.DEPTHS.items():
-        if tuple(blocks) == sizes and (kind == 'bottleneck') == bottleneck:
-            return f'timm:resnet{depth}' if depth == 26 else f'resnet{depth}'
-    return 'resnet50' if bottleneck else 'resnet18'
+        if tuple(blocks) == sizes and (kind == "bottleneck") == bottleneck:
+            return f"timm:resnet{depth}" if depth == 26 else f"resnet{depth}"
+    return "resnet50" if bottleneck else "resnet18"
 
 
 def _overrides(model: models.ResNet) -> dict[str, Any]:
     """The build_model overrides that rebuild ``model`` from its name (JSON-friendly)."""
-    return {'stage_sizes': list(model.stage_sizes), 'stride_on_3x3': model.stride_on_3x3,
-            'num_classes': int(model.num_classes)}
+    return {
+        "stage_sizes": list(model.stage_sizes),
+        "stride_on_3x3": model.stride_on_3x3,
+        "num_classes": int(model.num_classes),
+    }
 
 
-def save_converted(dst: str | os.PathLike, variables: Mapping[str, Any],
-                   record: Mapping[str, Any]) -> Path:
+def save_converted(dst: str | os.PathLike, variables: Mapping[str, Any], record: Mapping[str, Any]) -> Path:
     """Writes ``variables`` and ``record`` as a converted checkpoint directory (see module doc)."""
-    from resnet_jax.train.checkpoint import Checkpointer
     from resnet_jax.files import atomic_write_json
+    from resnet_jax.train.checkpoint import Checkpointer
 
     dst = Path(os.path.abspath(os.path.expanduser(os.fspath(dst))))
-    if (dst / 'checkpoints').exists():
-        raise ConversionError(f'{dst} already holds checkpoints; choose a new directory')
+    if (dst / "checkpoints").exists():
+        raise ConversionError(f"{dst} already holds checkpoints; choose a new directory")
     dst.mkdir(parents=True, exist_ok=True)
-    items = {'step': np.zeros((), np.int32),
-             'params': jax.tree.map(np.asarray, dict(variables['params'])),
-             'batch_stats': jax.tree.map(np.asarray, dict(variables['batch_stats']))}
-    with Checkpointer(dst / 'checkpoints', max_to_keep=1, async_save=False) as ckpt:
+    items = {
+        "step": np.zeros((), np.int32),
+        "params": jax.tree.map(np.asarray, dict(variables["params"])),
+        "batch_stats": jax.tree.map(np.asarray, dict(variables["batch_stats"])),
+    }
+    with Checkpointer(dst / "checkpoints", max_to_keep=1, async_save=False) as ckpt:
         ckpt.save(0, items, metadata=dict(record))
     atomic_write_json(dst / META_FILE, dict(record))
     return dst
 
 
 def _checkpoint_root(path: Path) -> Path:
-    if (path / 'checkpoints').is_dir():
-        return path / 'checkpoints'
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
     if any(p.name.isdigit() for p in path.iterdir()):
         return path
-    raise ConversionError(f'{path} is neither a converted checkpoint, a training workdir nor '
-                          'a checkpoints directory (no checkpoints/ or numbered step inside)')
+    raise ConversionError(
+        f"{path} is neither a converted checkpoint, a training workdir nor "
+        "a checkpoints directory (no checkpoints/ or numbered step inside)"
+    )
 
 
 def _model_record(path: Path) -> dict[str, Any] | None:
@@ -136,13 +159,13 @@ def _model_record(path: Path) -> dict[str, Any] | None:
     for directory in (path, path.parent):
         meta = directory / META_FILE
         if meta.is_file():
-            return json.loads(meta.read_text(encoding='utf-8'))
-        config = directory / 'config.json'
+            return json.loads(meta.read_text(encoding="utf-8"))
+        config = directory / "config.json"
         if config.is_file():
-            model_cfg = dict(json.loads(config.read_text(encoding='utf-8')).get('model', {}))
-            name = model_cfg.pop('name', None)
+            model_cfg = dict(json.loads(config.read_text(encoding="utf-8")).get("model", {}))
+            name = model_cfg.pop("name", None)
             overrides = {k: v for k, v in model_cfg.items() if v is not None}
-            return {'model': name, 'model_overrides': overrides, 'source': {'workdir': str(directory)}}
+            return {"model": name, "model_overrides": overrides, "source": {"workdir": str(directory)}}
     return None
 
 
@@ -159,31 +182,32 @@ def restore_variables(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         items, step = read_newest(root)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    if 'params' not in items:
-        raise ConversionError(f'checkpoint step {step} under {root} has no params '
-                              f'(items: {sorted(items)})')
-    variables = {'params': items['params'], 'batch_stats': items.get('batch_stats') or {}}
+    if "params" not in items:
+        raise ConversionError(f"checkpoint step {step} under {root} has no params (items: {sorted(items)})")
+    variables = {"params": items["params"], "batch_stats": items.get("batch_stats") or {}}
     return variables, step
 
 
-def load_variables(path: str | os.PathLike, arch: str | None = None
-                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_variables(
+    path: str | os.PathLike, arch: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(variables as numpy, model record or None) from a weight file or a checkpoint dir."""
     path = Path(path)
     if is_weight_file(path):
         _, variables, record = convert_file(path, arch)
         return variables, record
     if not path.is_dir():
-        raise ConversionError(f'{path}: no such file or directory')
+        raise ConversionError(f"{path}: no such file or directory")
     variables, step = restore_variables(path)
     record = _model_record(path)
     if record is not None:
-        record = {**record, 'step': step}
+        record = {**record, "step": step}
     return variables, record
 
 
-def pretrained(path: str | os.PathLike, name: str | None = None, **overrides: Any
-               ) -> tuple[models.ResNet, dict[str, Any]]:
+def pretrained(
+    path: str | os.PathLike, name: str | None = None, **overrides: Any
+) -> tuple[models.ResNet, dict[str, Any]]:
     """``model, variables = pretrained(path)``: a Flax model and its weights, ready to apply.
 
     ``path``: a torchvision/timm ``.pth`` / ``.safetensors`` file, a directory written by
@@ -198,24 +222,30 @@ def pretrained(path: str | os.PathLike, name: str | None = None, **overrides: An
     variables, record = load_variables(path, name if is_weight_file(path) else None)
     if record is None:
         if name is None:
-            raise ConversionError(f'{path} records no model name; pass name=, e.g. '
-                                  "pretrained(path, 'resnet50', stride_on_3x3=True)")
-        record = {'model': name, 'model_overrides': {}}
+            raise ConversionError(
+                f"{path} records no model name; pass name=, e.g. "
+                "pretrained(path, 'resnet50', stride_on_3x3=True)"
+            )
+        record = {"model": name, "model_overrides": {}}
     model = _build(record, overrides, path)
     return model, jax.tree.map(jnp.asarray, variables)
 
 
 def _build(record: Mapping[str, Any], overrides: Mapping[str, Any], path: Path) -> models.ResNet:
     try:
-        return models.build_model(record['model'],
-                                  **{**record.get('model_overrides', {}), **overrides})
+        return models.build_model(record["model"], **{**record.get("model_overrides", {}), **overrides})
     except (ValueError, TypeError) as e:
-        raise ConversionError(f'{path}: cannot rebuild its model {record.get("model")!r}: {e}') from None
+        raise ConversionError(f"{path}: cannot rebuild its model {record.get('model')!r}: {e}") from None
 
 
-def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
-                    origin: str = 'init_from', log: Callable[[str], None] = log.info,
-                    fresh_prefixes: tuple[str, ...] = ('params/head/',)) -> dict[str, Any]:
+def match_variables(
+    source: Mapping[str, Any],
+    target: Mapping[str, Any],
+    *,
+    origin: str = "init_from",
+    log: Callable[[str], None] = log.info,
+    fresh_prefixes: tuple[str, ...] = ("params/head/",),
+) -> dict[str, Any]:
     """``target`` with every leaf replaced by ``source``'s, except a differently shaped head.
 
     Leaves under ``fresh_prefixes`` (the classifier) whose shape differs keep the target's
@@ -223,41 +253,55 @@ def match_variables(source: Mapping[str, Any], target: Mapping[str, Any], *,
     differently shaped leaf raises ConversionError naming the first one. Values take the
     target leaf's dtype and, for jax arrays, its sharding.
     """
-    src = flatten_dict({k: source.get(k, {}) for k in ('params', 'batch_stats')}, sep='/', keep_empty=False)
-    tgt = flatten_dict({k: target.get(k, {}) for k in ('params', 'batch_stats')}, sep='/', keep_empty=False)
+    src = flatten_dict({k: source.get(k, {}) for k in ("params", "batch_stats")}, sep="/", keep_empty=False)
+    tgt = flatten_dict({k: target.get(k, {}) for k in ("params", "batch_stats")}, sep="/", keep_empty=False)
     fresh = []
     out = {}
     for key, t in tgt.items():
         if key not in src:
-            raise ConversionError(f'{origin}: variable {key} of the new model is missing from '
-                                  'the checkpoint (a different architecture?)')
+            raise ConversionError(
+                f"{origin}: variable {key} of the new model is missing from "
+                "the checkpoint (a different architecture?)"
+            )
         s = src[key]
         if tuple(np.shape(s)) != tuple(t.shape):
-            fresh_ok = any(key.startswith(p) or key.startswith(p.replace('params/', 'batch_stats/'))
-                           for p in fresh_prefixes)
+            fresh_ok = any(
+                key.startswith(p) or key.startswith(p.replace("params/", "batch_stats/"))
+                for p in fresh_prefixes
+            )
             if not fresh_ok:
-                raise ConversionError(f'{origin}: variable {key} has shape {tuple(np.shape(s))} in '
-                                      f'the checkpoint but {tuple(t.shape)} in the new model')
-            fresh.append(f'{key} {tuple(np.shape(s))} -> {tuple(t.shape)}')
+                raise ConversionError(
+                    f"{origin}: variable {key} has shape {tuple(np.shape(s))} in "
+                    f"the checkpoint but {tuple(t.shape)} in the new model"
+                )
+            fresh.append(f"{key} {tuple(np.shape(s))} -> {tuple(t.shape)}")
             out[key] = t
             continue
         value = np.asarray(s).astype(t.dtype)
-        sharding = getattr(t, 'sharding', None)
+        sharding = getattr(t, "sharding", None)
         out[key] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
     extra = [k for k in src if k not in tgt]
     if extra:
-        raise ConversionError(f'{origin}: variable {extra[0]} of the checkpoint has no place in '
-                              f'the new model ({len(extra)} such in all; a different architecture?)')
+        raise ConversionError(
+            f"{origin}: variable {extra[0]} of the checkpoint has no place in "
+            f"the new model ({len(extra)} such in all; a different architecture?)"
+        )
     if fresh:
-        log(f'{origin}: the classifier shape differs (num_classes), so it starts freshly '
-            f'initialised: {"; ".join(fresh)}')
-    tree = unflatten_dict(out, sep='/')
-    return {'params': tree.get('params', {}), 'batch_stats': tree.get('batch_stats', {})}
+        log(
+            f"{origin}: the classifier shape differs (num_classes), so it starts freshly "
+            f"initialised: {'; '.join(fresh)}"
+        )
+    tree = unflatten_dict(out, sep="/")
+    return {"params": tree.get("params", {}), "batch_stats": tree.get("batch_stats", {})}
 
 
-def init_variables_from(path: str | os.PathLike, target_variables: Mapping[str, Any], *,
-                        log: Callable[[str], None] = log.info,
-                        model: models.ResNet | None = None) -> dict[str, Any]:
+def init_variables_from(
+    path: str | os.PathLike,
+    target_variables: Mapping[str, Any],
+    *,
+    log: Callable[[str], None] = log.info,
+    model: models.ResNet | None = None,
+) -> dict[str, Any]:
     """Initialises a new run's ``{'params', 'batch_stats'}`` from ``path`` (config.init_from).
 
     ``path``: a converted checkpoint directory, a training workdir (or its checkpoints/),
@@ -272,12 +316,13 @@ def init_variables_from(path: str | os.PathLike, target_variables: Mapping[str, 
     """
     variables, record = load_variables(path)
     if record is not None:
-        log(f'init_from {path}: weights of {record.get("model")} '
-            f'({record.get("arch") or record.get("source")})')
+        log(
+            f"init_from {path}: weights of {record.get('model')} "
+            f"({record.get('arch') or record.get('source')})"
+        )
         if model is not None:
-            check_same_meaning(_build(record, {}, Path(path)), model, f'init_from {path}',
-                               'the new model')
-    return match_variables(variables, target_variables, origin=f'init_from {path}', log=log)
+            check_same_meaning(_build(record, {}, Path(path)), model, f"init_from {path}", "the new model")
+    return match_variables(variables, target_variables, origin=f"init_from {path}", log=log)
 
 
 def load_for_init(path: str, target_variables: Mapping[str, Any], model: models.ResNet) -> dict[str, Any]:
@@ -286,8 +331,7 @@ def load_for_init(path: str, target_variables: Mapping[str, Any], model: models.
     return init_variables_from(path, target_variables, log=log.info, model=model)
 
 
-def export_state_dict(path: str | os.PathLike, arch: str | None = None
-                      ) -> tuple[dict[str, np.ndarray], str]:
+def export_state_dict(path: str | os.PathLike, arch: str | None = None) -> tuple[dict[str, np.ndarray], str]:
     """(torch state dict as numpy, arch) of a converted checkpoint or training workdir.
 
     The run's model must be one torchvision/timm can hold: the fields that change what the
@@ -297,32 +341,36 @@ def export_state_dict(path: str | os.PathLike, arch: str | None = None
     path = Path(path)
     variables, record = load_variables(path)
     if record is None and arch is None:
-        raise ConversionError(f'{path} records no model; pass the architecture (e.g. resnet50)')
+        raise ConversionError(f"{path} records no model; pass the architecture (e.g. resnet50)")
     if record is not None:
         model = _build(record, {}, path)
         if arch is None:
-            arch = record.get('arch') or record['model']
-    classes = int(np.shape(variables['params']['head']['bias'])[0])
+            arch = record.get("arch") or record["model"]
+    classes = int(np.shape(variables["params"]["head"]["bias"])[0])
     target = layout.build_target(arch, classes)
     if record is not None:
-        check_same_meaning(model, target, f'{path}', f'{arch} in torch')
+        check_same_meaning(model, target, f"{path}", f"{arch} in torch")
     return layout.to_state_dict(variables, arch), arch
 
 
-def check_same_meaning(source: models.ResNet, target: models.ResNet, source_name: str,
-                       target_name: str) -> None:
+def check_same_meaning(
+    source: models.ResNet, target: models.ResNet, source_name: str, target_name: str
+) -> None:
     """Refuses two models whose weights have equal shapes but mean different things."""
     src_block = models.network.block_class(source.block_cls)
     dst_block = models.network.block_class(target.block_cls)
     if src_block is not dst_block:
-        raise ConversionError(f'{source_name} uses {src_block.__name__} blocks, {target_name} '
-                              f'uses {dst_block.__name__}')
+        raise ConversionError(
+            f"{source_name} uses {src_block.__name__} blocks, {target_name} uses {dst_block.__name__}"
+        )
     for field in _SEMANTIC_FIELDS:
-        if field == 'stride_on_3x3' and src_block.expansion == 1:
+        if field == "stride_on_3x3" and src_block.expansion == 1:
             continue  # basic blocks have no 1x1 conv: the field does not apply
         mine, theirs = getattr(source, field), getattr(target, field)
         if isinstance(mine, (list, tuple)):
             mine, theirs = tuple(mine), tuple(theirs)
         if mine != theirs:
-            raise ConversionError(f'{source_name} has {field}={mine!r}, but {target_name} has '
-                                  f'{field}={theirs!r}; the weights would mean something else there')
+            raise ConversionError(
+                f"{source_name} has {field}={mine!r}, but {target_name} has "
+                f"{field}={theirs!r}; the weights would mean something else there"
+            )

@@ -16,7 +16,8 @@ checkpoints and weight converters can rely on them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax import lax
 ModuleDef = Any
 Array = Any
 
-SHORTCUTS = ('A', 'B', 'C')
+SHORTCUTS = ("A", "B", "C")
 
 
 class GhostBatchNorm(nn.Module):
@@ -50,7 +51,7 @@ class GhostBatchNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    ghost_batch_size: Optional[int] = None
+    ghost_batch_size: int | None = None
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
@@ -58,10 +59,10 @@ class GhostBatchNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
         stats_dtype = jnp.promote_types(jnp.promote_types(self.dtype, self.param_dtype), jnp.float32)
-        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), stats_dtype))
-        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), stats_dtype))
-        scale = self.param('scale', self.scale_init, (features,), self.param_dtype)
-        bias = self.param('bias', self.bias_init, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), stats_dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), stats_dtype))
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
 
         x32 = x.astype(stats_dtype)
         if self.use_running_average:
@@ -90,13 +91,13 @@ class GhostBatchNorm(nn.Module):
         size = batch if self.ghost_batch_size is None else self.ghost_batch_size
         if size <= 0 or batch % size:
             raise ValueError(
-                f'ghost_batch_size={self.ghost_batch_size} must be a positive divisor of the '
-                f'batch size {batch} (or None for whole-batch statistics)')
+                f"ghost_batch_size={self.ghost_batch_size} must be a positive divisor of the "
+                f"batch size {batch} (or None for whole-batch statistics)"
+            )
         return x.reshape((batch // size, size) + x.shape[1:])
 
 
-def _affine_normalise(x: Array, mean: Array, var: Array, scale: Array, bias: Array,
-                      epsilon: float) -> Array:
+def _affine_normalise(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float) -> Array:
     # Same order of operations as flax's BatchNorm, so that ghost_batch_size=None agrees
     # with nn.BatchNorm to the last few ulps.
     mul = lax.rsqrt(var + epsilon) * scale.astype(x.dtype)
@@ -114,8 +115,8 @@ def pad_shortcut(x: Array, out_channels: int, strides: int) -> Array:
     extra = out_channels - x.shape[-1]
     if extra < 0:
         raise ValueError(
-            f"shortcut='A' cannot reduce channels ({x.shape[-1]} -> {out_channels}); "
-            "use shortcut='B' or 'C'")
+            f"shortcut='A' cannot reduce channels ({x.shape[-1]} -> {out_channels}); use shortcut='B' or 'C'"
+        )
     if extra:
         x = jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
     return x
@@ -123,14 +124,14 @@ def pad_shortcut(x: Array, out_channels: int, strides: int) -> Array:
 
 def _check_shortcut(shortcut: str) -> None:
     if shortcut not in SHORTCUTS:
-        raise ValueError(f'shortcut={shortcut!r} is not one of {SHORTCUTS}')
+        raise ValueError(f"shortcut={shortcut!r} is not one of {SHORTCUTS}")
 
 
 def _needs_projection(x: Array, out_channels: int, strides: int, shortcut: str) -> bool:
     _check_shortcut(shortcut)
-    if shortcut == 'C':
+    if shortcut == "C":
         return True
-    return shortcut == 'B' and (strides != 1 or x.shape[-1] != out_channels)
+    return shortcut == "B" and (strides != 1 or x.shape[-1] != out_channels)
 
 
 class Block(nn.Module):
@@ -156,7 +157,7 @@ class Block(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     act: Callable
-    shortcut: str = 'B'
+    shortcut: str = "B"
     zero_init_last: bool = False
 
     expansion: ClassVar[int] = 1
@@ -167,12 +168,11 @@ class Block(nn.Module):
 def _conv3x3(conv: ModuleDef, filters: int, strides: int, name: str, **kw: Any) -> nn.Module:
     # Symmetric padding of 1 (not 'SAME', which pads asymmetrically for stride 2 on even
     # sizes) keeps the sampling grid identical to the paper's Caffe/Torch models.
-    return conv(filters, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                name=name, **kw)
+    return conv(filters, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)), name=name, **kw)
 
 
 def _conv1x1(conv: ModuleDef, filters: int, strides: int, name: str, **kw: Any) -> nn.Module:
-    return conv(filters, (1, 1), strides=(strides, strides), padding='VALID', name=name, **kw)
+    return conv(filters, (1, 1), strides=(strides, strides), padding="VALID", name=name, **kw)
 
 
 def _last_bn(norm: ModuleDef, zero_init_last: bool, name: str) -> nn.Module:
@@ -182,21 +182,22 @@ def _last_bn(norm: ModuleDef, zero_init_last: bool, name: str) -> nn.Module:
 
 
 def _last_conv_kw(zero_init_last: bool) -> dict:
-    return {'kernel_init': nn.initializers.zeros} if zero_init_last else {}
+    return {"kernel_init": nn.initializers.zeros} if zero_init_last else {}
 
 
 def _reject_zero_init(block: Block) -> None:
     if block.zero_init_last:
         raise ValueError(
-            f'zero_init_last=True is not allowed for {type(block).__name__}: a plain block has '
-            'no identity path, so a zero residual branch would cut the signal; use False')
+            f"zero_init_last=True is not allowed for {type(block).__name__}: a plain block has "
+            "no identity path, so a zero residual branch would cut the signal; use False"
+        )
 
 
 def _post_act_shortcut(block: Block, x: Array, out_channels: int) -> Array:
     """Shortcut of a post-activation block: identity, option A, or 1x1 conv + BN."""
     if _needs_projection(x, out_channels, block.strides, block.shortcut):
-        y = _conv1x1(block.conv, out_channels, block.strides, name='proj_conv')(x)
-        return block.norm(name='proj_bn')(y)
+        y = _conv1x1(block.conv, out_channels, block.strides, name="proj_conv")(x)
+        return block.norm(name="proj_bn")(y)
     return pad_shortcut(x, out_channels, block.strides)
 
 
@@ -208,7 +209,7 @@ def _pre_act_shortcut(block: Block, x: Array, preact: Array, out_channels: int) 
     paths (identity, option A) carry the raw ``x`` so the signal passes through untouched.
     """
     if _needs_projection(x, out_channels, block.strides, block.shortcut):
-        return _conv1x1(block.conv, out_channels, block.strides, name='proj_conv')(preact)
+        return _conv1x1(block.conv, out_channels, block.strides, name="proj_conv")(preact)
     return pad_shortcut(x, out_channels, block.strides)
 
 
@@ -223,7 +224,7 @@ def _pre_activation(block: Block, x: Array) -> Array:
     activated input. Every other block pre-activates its raw input with ``bn1``.
     """
     if block.preactivate_input:
-        return block.act(block.norm(name='bn1')(x))
+        return block.act(block.norm(name="bn1")(x))
     return x
 
 
@@ -238,10 +239,10 @@ class PlainBlock(Block):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         _reject_zero_init(self)
-        y = _conv3x3(self.conv, self.filters, self.strides, 'conv1')(x)
-        y = self.act(self.norm(name='bn1')(y))
-        y = _conv3x3(self.conv, self.filters, 1, 'conv2')(y)
-        return self.act(self.norm(name='bn2')(y))
+        y = _conv3x3(self.conv, self.filters, self.strides, "conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = _conv3x3(self.conv, self.filters, 1, "conv2")(y)
+        return self.act(self.norm(name="bn2")(y))
 
 
 class BasicBlock(Block):
@@ -253,10 +254,10 @@ class BasicBlock(Block):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = _conv3x3(self.conv, self.filters, self.strides, 'conv1')(x)
-        y = self.act(self.norm(name='bn1')(y))
-        y = _conv3x3(self.conv, self.filters, 1, 'conv2')(y)
-        y = _last_bn(self.norm, self.zero_init_last, 'bn2')(y)
+        y = _conv3x3(self.conv, self.filters, self.strides, "conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = _conv3x3(self.conv, self.filters, 1, "conv2")(y)
+        y = _last_bn(self.norm, self.zero_init_last, "bn2")(y)
         return self.act(y + _post_act_shortcut(self, x, self.filters))
 
 
@@ -281,10 +282,10 @@ class Bottleneck(Block):
     def __call__(self, x: Array) -> Array:
         out = self.filters * self.expansion
         s1, s3 = _bottleneck_strides(self.strides, self.stride_on_3x3)
-        y = self.act(self.norm(name='bn1')(_conv1x1(self.conv, self.filters, s1, 'conv1')(x)))
-        y = self.act(self.norm(name='bn2')(_conv3x3(self.conv, self.filters, s3, 'conv2')(y)))
-        y = _conv1x1(self.conv, out, 1, 'conv3')(y)
-        y = _last_bn(self.norm, self.zero_init_last, 'bn3')(y)
+        y = self.act(self.norm(name="bn1")(_conv1x1(self.conv, self.filters, s1, "conv1")(x)))
+        y = self.act(self.norm(name="bn2")(_conv3x3(self.conv, self.filters, s3, "conv2")(y)))
+        y = _conv1x1(self.conv, out, 1, "conv3")(y)
+        y = _last_bn(self.norm, self.zero_init_last, "bn3")(y)
         return self.act(y + _post_act_shortcut(self, x, out))
 
 
@@ -300,10 +301,10 @@ class PlainBottleneck(Block):
     def __call__(self, x: Array) -> Array:
         _reject_zero_init(self)
         s1, s3 = _bottleneck_strides(self.strides, self.stride_on_3x3)
-        y = self.act(self.norm(name='bn1')(_conv1x1(self.conv, self.filters, s1, 'conv1')(x)))
-        y = self.act(self.norm(name='bn2')(_conv3x3(self.conv, self.filters, s3, 'conv2')(y)))
-        y = _conv1x1(self.conv, self.filters * self.expansion, 1, 'conv3')(y)
-        return self.act(self.norm(name='bn3')(y))
+        y = self.act(self.norm(name="bn1")(_conv1x1(self.conv, self.filters, s1, "conv1")(x)))
+        y = self.act(self.norm(name="bn2")(_conv3x3(self.conv, self.filters, s3, "conv2")(y)))
+        y = _conv1x1(self.conv, self.filters * self.expansion, 1, "conv3")(y)
+        return self.act(self.norm(name="bn3")(y))
 
 
 class PreActBasicBlock(Block):
@@ -322,9 +323,9 @@ class PreActBasicBlock(Block):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         pre = _pre_activation(self, x)
-        y = _conv3x3(self.conv, self.filters, self.strides, 'conv1')(pre)
-        y = self.act(self.norm(name='bn2')(y))
-        y = _conv3x3(self.conv, self.filters, 1, 'conv2', **_last_conv_kw(self.zero_init_last))(y)
+        y = _conv3x3(self.conv, self.filters, self.strides, "conv1")(pre)
+        y = self.act(self.norm(name="bn2")(y))
+        y = _conv3x3(self.conv, self.filters, 1, "conv2", **_last_conv_kw(self.zero_init_last))(y)
         return y + _pre_act_shortcut(self, x, pre, self.filters)
 
 
@@ -348,8 +349,9 @@ class PreActBottleneck(Block):
         out = self.filters * self.expansion
         s1, s3 = _bottleneck_strides(self.strides, self.stride_on_3x3)
         pre = _pre_activation(self, x)
-        y = _conv1x1(self.conv, self.filters, s1, 'conv1')(pre)
-        y = _conv3x3(self.conv, self.filters, s3, 'conv2')(self.act(self.norm(name='bn2')(y)))
-        y = _conv1x1(self.conv, out, 1, 'conv3', **_last_conv_kw(self.zero_init_last))(
-            self.act(self.norm(name='bn3')(y)))
+        y = _conv1x1(self.conv, self.filters, s1, "conv1")(pre)
+        y = _conv3x3(self.conv, self.filters, s3, "conv2")(self.act(self.norm(name="bn2")(y)))
+        y = _conv1x1(self.conv, out, 1, "conv3", **_last_conv_kw(self.zero_init_last))(
+            self.act(self.norm(name="bn3")(y))
+        )
         return y + _pre_act_shortcut(self, x, pre, out)

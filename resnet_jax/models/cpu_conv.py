@@ -37,21 +37,45 @@ _lax_conv = lax.conv_general_dilated  # the original, even if someone patches la
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
-                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1,
-                         batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
     """`lax.conv_general_dilated`, with a GEMM weight gradient where the case allows it."""
     plain = functools.partial(
-        _lax_conv, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
-    if (lhs.ndim != 4 or rhs.ndim != 4 or feature_group_count != 1 or batch_group_count != 1
-            or preferred_element_type is not None
-            or any(d != 1 for d in (lhs_dilation or (1, 1))) or any(d != 1 for d in (rhs_dilation or (1, 1)))
-            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        _lax_conv,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    if (
+        lhs.ndim != 4
+        or rhs.ndim != 4
+        or feature_group_count != 1
+        or batch_group_count != 1
+        or preferred_element_type is not None
+        or any(d != 1 for d in (lhs_dilation or (1, 1)))
+        or any(d != 1 for d in (rhs_dilation or (1, 1)))
+        or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    ):
         return plain()
     strides = tuple(int(s) for s in window_strides)
     if isinstance(padding, str):
@@ -64,8 +88,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
-          precision: Any) -> jax.Array:
+def _conv(
+    x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...], precision: Any
+) -> jax.Array:
     return _lax_conv(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
@@ -75,8 +100,9 @@ def _conv_fwd(x, w, strides, pads, precision):
 
 def _conv_bwd(strides, pads, precision, residuals, dy):
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x: _lax_conv(x, w, strides, pads, dimension_numbers=_NHWC,
-                                               precision=precision), x)
+    _, input_vjp = jax.vjp(
+        lambda x: _lax_conv(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision), x
+    )
     (dx,) = input_vjp(dy)
     return dx, weight_grad(x, dy, w.shape, strides, pads, precision)
 
@@ -91,8 +117,14 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 PIECE_BYTES = 2 << 20
 
 
-def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
-                pads: Sequence[tuple[int, int]], precision: Any = None) -> jax.Array:
+def weight_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    pads: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
     """dL/dW of an NHWC/HWIO convolution: the sum of `_piece_grad` over cache-sized pieces of the batch.
 
     Pieces are strided (image b goes to piece b % pieces). Only where JAX has a single device.
@@ -112,27 +144,40 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], stride
     dys = dy.reshape(batch // pieces, pieces, *dy.shape[1:])
 
     def add_piece(j: jax.Array, total: jax.Array) -> jax.Array:
-        piece = (lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False),
-                 lax.dynamic_index_in_dim(dys, j, axis=1, keepdims=False))
+        piece = (
+            lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False),
+            lax.dynamic_index_in_dim(dys, j, axis=1, keepdims=False),
+        )
         return total + _piece_grad(*piece, kernel_shape, strides, pads, precision)
 
     total = lax.fori_loop(0, pieces, add_piece, jnp.zeros(tuple(kernel_shape), _accumulator(x.dtype)))
     return total.astype(x.dtype)
 
 
-def _piece_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
-                pads: Sequence[tuple[int, int]], precision: Any) -> jax.Array:
+def _piece_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_shape: Sequence[int],
+    strides: tuple[int, int],
+    pads: Sequence[tuple[int, int]],
+    precision: Any,
+) -> jax.Array:
     """cols^T @ dy accumulated in float32 (float64 for float64 inputs), cols ordered (kh, kw, c) like HWIO."""
     kh, kw, cin, cout = kernel_shape
     batch, out_h, out_w, _ = dy.shape
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    taps = [lax.slice(xp, (0, i, j, 0), (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin),
-                      (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
+    taps = [
+        lax.slice(
+            xp, (0, i, j, 0), (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, cin), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
     cols = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
-    grad = jnp.dot(cols.T, dy.reshape(-1, cout), precision=precision,
-                   preferred_element_type=_accumulator(x.dtype))
+    grad = jnp.dot(
+        cols.T, dy.reshape(-1, cout), precision=precision, preferred_element_type=_accumulator(x.dtype)
+    )
     return grad.reshape(kh, kw, cin, cout)
 
 

@@ -261,9 +261,7 @@ class Checkpointer:
             # A manifest left by a quarantined step of the same number must not vouch
             # for the new one between orbax's commit and the new manifest.
             self._manifest_path(step).unlink(missing_ok=True)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(meta)
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(meta))
         try:
             saved = self._manager.save(step, args=args, force=force)
         except Exception as e:  # tensorstore reports ENOSPC as ValueError
@@ -365,9 +363,7 @@ class Checkpointer:
         self.last_restore_warnings.append(message)
 
     def _restore_step(self, step: int, abstract: Any) -> tuple[Any, dict[str, Any]]:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return restored["state"], dict(restored["metadata"] or {})
 
@@ -392,11 +388,15 @@ class Checkpointer:
         for step in steps:
             verdict, why = self._agreed_check(step)
             if verdict == _CORRUPT:
-                self._warn(f"checkpoint step {step} in {self.directory} is damaged: {why}; trying an older step")
+                self._warn(
+                    f"checkpoint step {step} in {self.directory} is damaged: {why}; trying an older step"
+                )
                 failures[step] = why
                 continue
             if verdict == _UNVERIFIED:
-                self._warn(f"checkpoint step {step} in {self.directory} cannot be verified: {why}; restoring it anyway")
+                self._warn(
+                    f"checkpoint step {step} in {self.directory} cannot be verified: {why}; restoring it anyway"
+                )
             try:
                 state, metadata = self._restore_step(step, abstract)
             except Exception as e:  # any reader error means: try the previous step
@@ -427,7 +427,9 @@ class Checkpointer:
                 if manifest.exists():
                     os.replace(manifest, target_dir / f"{step}-{stamp}.manifest.json")
                 (target_dir / f"{step}-{stamp}.reason.txt").write_text(why + "\n", encoding="utf-8")
-                self._warn(f"moved damaged checkpoint step {step} to {target}; delete it when no longer needed")
+                self._warn(
+                    f"moved damaged checkpoint step {step} to {target}; delete it when no longer needed"
+                )
             fsync_dir(self.directory)
         _sync("resnet_jax_checkpoint_quarantine")
         self._manager.reload()
@@ -455,8 +457,9 @@ def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], int]:
     try:
         items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     except Exception as e:  # orbax/tensorstore error types vary
-        raise CheckpointError(f"cannot restore checkpoint step {step} under {root}: "
-                              f"{type(e).__name__}: {first_line(e, 800)}") from None
+        raise CheckpointError(
+            f"cannot restore checkpoint step {step} under {root}: {type(e).__name__}: {first_line(e, 800)}"
+        ) from None
     finally:
         manager.close()
     return jax.tree.map(np.asarray, items), step

@@ -98,20 +98,28 @@ def check_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[
         raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(schema)}")
     missing = sorted(set(schema) - set(flat))
     if missing:
-        raise ConfigError(f"missing config field(s) {missing}; start from configs/cifar10.py or configs/imagenet.py")
+        raise ConfigError(
+            f"missing config field(s) {missing}; start from configs/cifar10.py or configs/imagenet.py"
+        )
     for field, check in schema.items():
         problem = check(flat[field])
         if problem:
             raise ConfigError(f"config field {field} = {flat[field]!r}: must be {problem}")
     if flat.get("dataset.name") == "cifar10" and flat["dataset.label_mode"] != "fine":
-        raise ConfigError(f"config field dataset.label_mode = {flat['dataset.label_mode']!r}: CIFAR-10 has "
-                          "only 'fine' labels ('coarse' is CIFAR-100's 20 superclasses)")
+        raise ConfigError(
+            f"config field dataset.label_mode = {flat['dataset.label_mode']!r}: CIFAR-10 has "
+            "only 'fine' labels ('coarse' is CIFAR-100's 20 superclasses)"
+        )
     _check_model(flat)
     return flat
 
 
-def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices: int = 1,
-             sizes: tuple[int, int] | None = None, checked: Mapping[str, Any] | None = None) -> Derived:
+def validate(
+    config: ml_collections.ConfigDict | Mapping[str, Any],
+    num_devices: int = 1,
+    sizes: tuple[int, int] | None = None,
+    checked: Mapping[str, Any] | None = None,
+) -> Derived:
     """Checks every field; returns the derived values or raises ConfigError.
 
     `sizes`: (train, eval) example counts of the data actually found. CIFAR's are known
@@ -124,12 +132,14 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
         if flat[field] % num_devices:
             raise ConfigError(
                 f"config field {field} = {flat[field]} does not divide by the {num_devices} devices "
-                f"of the mesh; use a multiple of {num_devices}")
+                f"of the mesh; use a multiple of {num_devices}"
+            )
     ghost = flat["model.ghost_batch_size"]
     if ghost is not None and (batch // num_devices) % ghost:
         raise ConfigError(
             f"config field model.ghost_batch_size = {ghost} must divide the per-device batch "
-            f"{batch // num_devices} (batch_size {batch} over {num_devices} devices)")
+            f"{batch // num_devices} (batch_size {batch} over {num_devices} devices)"
+        )
 
     num_train, num_eval = _dataset_sizes(flat, sizes)
     if num_train < batch:
@@ -141,16 +151,24 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any], num_devices:
         if flat[field] % k:
             raise ConfigError(
                 f"config field {field} = {flat[field]} must be a multiple of steps_per_dispatch = {k} "
-                f"(steps run {k} at a time), e.g. {max(k, flat[field] // k * k)}")
+                f"(steps run {k} at a time), e.g. {max(k, flat[field] // k * k)}"
+            )
 
-    dist = (flat["distributed.coordinator_address"], flat["distributed.num_processes"],
-            flat["distributed.process_id"])
+    dist = (
+        flat["distributed.coordinator_address"],
+        flat["distributed.num_processes"],
+        flat["distributed.process_id"],
+    )
     if any(v is not None for v in dist) and any(v is None for v in dist):
-        raise ConfigError("config fields distributed.coordinator_address, distributed.num_processes and "
-                          "distributed.process_id go together: set all three or none")
+        raise ConfigError(
+            "config fields distributed.coordinator_address, distributed.num_processes and "
+            "distributed.process_id go together: set all three or none"
+        )
     if dist[1] is not None and dist[2] >= dist[1]:
-        raise ConfigError(f"config field distributed.process_id = {dist[2]} must be below "
-                          f"distributed.num_processes = {dist[1]}")
+        raise ConfigError(
+            f"config field distributed.process_id = {dist[2]} must be below "
+            f"distributed.num_processes = {dist[1]}"
+        )
 
     return derived
 
@@ -169,14 +187,18 @@ def _dataset_sizes(flat: Mapping[str, Any], sizes: tuple[int, int] | None) -> tu
     num_train = 50_000 - flat["dataset.validation_size"]
     if flat["dataset.train_subset"]:
         if flat["dataset.train_subset"] > num_train:
-            raise ConfigError(f"config field dataset.train_subset = {flat['dataset.train_subset']} exceeds "
-                              f"the {num_train} training images")
+            raise ConfigError(
+                f"config field dataset.train_subset = {flat['dataset.train_subset']} exceeds "
+                f"the {num_train} training images"
+            )
         num_train = flat["dataset.train_subset"]
     num_eval = flat["dataset.validation_size"] or 10_000
     if flat["dataset.eval_subset"]:
         if flat["dataset.eval_subset"] > num_eval:
-            raise ConfigError(f"config field dataset.eval_subset = {flat['dataset.eval_subset']} exceeds "
-                              f"the {num_eval} evaluation images")
+            raise ConfigError(
+                f"config field dataset.eval_subset = {flat['dataset.eval_subset']} exceeds "
+                f"the {num_eval} evaluation images"
+            )
         num_eval = flat["dataset.eval_subset"]
     return num_train, num_eval
 
@@ -202,5 +224,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     if overrides.setdefault("num_classes", num_classes) != num_classes:
         raise ConfigError(
             f"config field model.num_classes = {overrides['num_classes']} but the dataset has {num_classes} "
-            "classes; leave it None to follow the dataset")
+            "classes; leave it None to follow the dataset"
+        )
     return models.build_model(config.model.name, **overrides)

@@ -11,7 +11,7 @@ depend on (seed, step) only, not on the number of devices or on where a run resu
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax
 import jax
@@ -23,7 +23,6 @@ from resnet_jax import parallel
 from resnet_jax.data import augment, batching, cifar
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.steps import StepFn
-
 
 
 @flax.struct.dataclass
@@ -44,8 +43,9 @@ class DeviceData:
     std: jax.Array
 
 
-def put_on_devices(data: cifar.CifarData, mesh: Mesh, normalization: str, train_subset: int = 0,
-                   eval_subset: int = 0) -> DeviceData:
+def put_on_devices(
+    data: cifar.CifarData, mesh: Mesh, normalization: str, train_subset: int = 0, eval_subset: int = 0
+) -> DeviceData:
     rep = parallel.replicated(mesh)
     n_train = train_subset or len(data.train_labels)
     n_eval = eval_subset or len(data.test_labels)
@@ -53,8 +53,9 @@ def put_on_devices(data: cifar.CifarData, mesh: Mesh, normalization: str, train_
     mean, std = augment.normalization_stats(train_images, normalization)
 
     def split(images, labels):
-        return DeviceSplit(parallel.host_to_global(images, rep),
-                           parallel.host_to_global(np.asarray(labels, np.int32), rep))
+        return DeviceSplit(
+            parallel.host_to_global(images, rep), parallel.host_to_global(np.asarray(labels, np.int32), rep)
+        )
 
     return DeviceData(
         train=split(train_images, data.train_labels[:n_train]),
@@ -73,8 +74,9 @@ class TrainChunk:
     same K steps are dispatched one by one. Both donate the state.
     """
 
-    def __init__(self, step_fn: StepFn, mesh: Mesh, *, seed: int, pad: int, flip: bool,
-                 fuse: bool | None = None):
+    def __init__(
+        self, step_fn: StepFn, mesh: Mesh, *, seed: int, pad: int, flip: bool, fuse: bool | None = None
+    ):
         batch_sharding = parallel.batch_sharded(mesh)
         aug_root = jax.random.fold_in(jax.random.key(seed), 1)
 
@@ -82,8 +84,9 @@ class TrainChunk:
             key = jax.random.fold_in(aug_root, state.step)
             images = jax.lax.with_sharding_constraint(data.train.images[idx], batch_sharding)
             batch = {
-                "image": augment.augment_batch(key, images, data.mean, data.std, pad=pad, flip=flip,
-                                               dtype=jnp.float32),
+                "image": augment.augment_batch(
+                    key, images, data.mean, data.std, pad=pad, flip=flip, dtype=jnp.float32
+                ),
                 "label": jax.lax.with_sharding_constraint(data.train.labels[idx], batch_sharding),
             }
             return step_fn(state, batch)
@@ -124,8 +127,11 @@ def make_evaluate(eval_fn: Callable, mesh: Mesh):
         def body(total, xs):
             idx, m = xs
             images = jax.lax.with_sharding_constraint(data.test.images[idx], batch_sharding)
-            batch = {"image": augment.eval_batch(images, data.mean, data.std, dtype=jnp.float32),
-                     "label": data.test.labels[idx], "mask": m}
+            batch = {
+                "image": augment.eval_batch(images, data.mean, data.std, dtype=jnp.float32),
+                "label": data.test.labels[idx],
+                "mask": m,
+            }
             out = eval_fn(state, batch)
             return jax.tree.map(jnp.add, total, out), None
 

@@ -27,8 +27,8 @@ import platform
 import signal
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -92,7 +92,7 @@ class _PreemptionNotice:
         self._installed = False
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_PreemptionNotice":
+    def __enter__(self) -> _PreemptionNotice:
         if threading.current_thread() is threading.main_thread():
             for signum in self._SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -110,8 +110,10 @@ class _PreemptionNotice:
         self.received = True
         self.signum = signum
         if signum == signal.SIGINT:
-            log.warning("Ctrl-C: finishing the current steps, saving a checkpoint, then stopping "
-                        "(Ctrl-C again stops at once, without it)")
+            log.warning(
+                "Ctrl-C: finishing the current steps, saving a checkpoint, then stopping "
+                "(Ctrl-C again stops at once, without it)"
+            )
         else:
             log.warning("SIGTERM received: finishing the current steps, saving a checkpoint, then stopping")
 
@@ -131,8 +133,14 @@ class _PreemptionNotice:
 
 def _hardware() -> dict[str, Any]:
     dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "devices": jax.device_count(),
-            "processes": jax.process_count(), "host": platform.node(), "jax": jax.__version__}
+    return {
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "host": platform.node(),
+        "jax": jax.__version__,
+    }
 
 
 def _first_nonfinite(metrics: dict[str, np.ndarray]) -> int | None:
@@ -148,8 +156,9 @@ def _first_nonfinite(metrics: dict[str, np.ndarray]) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def _nonfinite_message(metrics: dict[str, np.ndarray], index: int, step: int, last_good: int | None,
-                       directory: Path) -> str:
+def _nonfinite_message(
+    metrics: dict[str, np.ndarray], index: int, step: int, last_good: int | None, directory: Path
+) -> str:
     values = ", ".join(f"{k} {metrics[k][index]}" for k in ("loss", "grad_norm", "param_norm"))
     return f"training diverged at step {step} ({values}); " + _nonfinite_where(last_good, directory)
 
@@ -157,9 +166,11 @@ def _nonfinite_message(metrics: dict[str, np.ndarray], index: int, step: int, la
 def _nonfinite_where(last_good: int | None, directory: Path) -> str:
     if last_good is None:
         return "stopped without saving it; no checkpoint had been written yet"
-    return (f"stopped without saving it: the last good checkpoint (step {last_good}) is kept in {directory}; "
-            "lower optimizer.learning_rate (or add schedule.warmup_steps) and rerun with "
-            "--config.allow_config_change=True to resume from it, or check the data")
+    return (
+        f"stopped without saving it: the last good checkpoint (step {last_good}) is kept in {directory}; "
+        "lower optimizer.learning_rate (or add schedule.warmup_steps) and rerun with "
+        "--config.allow_config_change=True to resume from it, or check the data"
+    )
 
 
 @jax.jit
@@ -199,7 +210,8 @@ class _Run:
             raise config_lib.ConfigError(
                 f"config field init_from = {config.init_from!r}: this caller of train_and_evaluate gave no "
                 "weight loader; pass load_weights=resnet_jax.interop.weights.load_for_init (python -m "
-                "resnet_jax.main does)")
+                "resnet_jax.main does)"
+            )
         self.load_weights = load_weights
         parallel.initialize(config.distributed)
         self.mesh = parallel.make_mesh()
@@ -214,11 +226,17 @@ class _Run:
         init_state = lambda: create_train_state(model, tx, init_key, self.info.image_shape, self.mesh)  # noqa: E731
         shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
         self.workdir = prepare_workdir(
-            workdir, config.to_dict(), allow_config_change=config.allow_config_change,
-            ignore_keys=set(config_lib.RESUMABLE_CHANGES), override_hint="--config.allow_config_change=True",
+            workdir,
+            config.to_dict(),
+            allow_config_change=config.allow_config_change,
+            ignore_keys=set(config_lib.RESUMABLE_CHANGES),
+            override_hint="--config.allow_config_change=True",
             added_defaults=config_lib.defaults(config.dataset.name).to_dict(),
-            min_free_bytes=files.disk_space_needed(workdir, checkpoint_bytes(shapes), config.keep_checkpoints),
-            lock=True)
+            min_free_bytes=files.disk_space_needed(
+                workdir, checkpoint_bytes(shapes), config.keep_checkpoints
+            ),
+            lock=True,
+        )
         try:
             self._set_up(config, model, init_state)
         except BaseException:
@@ -242,8 +260,9 @@ class _Run:
         if restored is not None:
             items, self.start_step, metadata = restored
             self.step = self.start_step
-            self.window = {k: [float(v) for v in metadata.get("train_window", {}).get(k, [])]
-                           for k in self.window}
+            self.window = {
+                k: [float(v) for v in metadata.get("train_window", {}).get(k, [])] for k in self.window
+            }
             self.state = self.state.replace_items(items)
         elif config.init_from:
             self.state = _init_from(self.state, config.init_from, model, self.load_weights)
@@ -252,8 +271,10 @@ class _Run:
         self.writer.truncate_after(self.start_step)
         # Evaluations of the run so far (before a resume), so that best_error covers them too.
         self.evals: list[tuple[int, float]] = [
-            (r["step"], r["error"]) for r in (read_metrics(self.writer.path) if self.main and self.writer.path.exists()
-                                              else []) if r["split"] == self.info.eval_split]
+            (r["step"], r["error"])
+            for r in (read_metrics(self.writer.path) if self.main and self.writer.path.exists() else [])
+            if r["split"] == self.info.eval_split
+        ]
         self.train_time = 0.0
         self.progress: Progress | None = None
 
@@ -264,13 +285,25 @@ class _Run:
     def start(self) -> None:
         c, d = self.config, self.derived
         if self.main:
-            log.info("%s on %s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; "
-                     "%s", c.model.name, parallel.describe_devices(self.mesh.devices.flat), f"{self.num_params:,}",
-                     d.total_steps, c.batch_size, d.steps_per_epoch, d.num_train, d.learning_rate,
-                     f"resuming at step {self.start_step}" if self.start_step else
-                     f"starting from the weights of {c.init_from}" if c.init_from else "starting from scratch")
-        self.compile_s = (self.source.compile(self.state, self.step, self._chunk_size())
-                          if self.step < self.total else 0.0)
+            log.info(
+                "%s on %s: %s parameters; %d steps of batch %d (%d per epoch of %d images), lr %.4g; %s",
+                c.model.name,
+                parallel.describe_devices(self.mesh.devices.flat),
+                f"{self.num_params:,}",
+                d.total_steps,
+                c.batch_size,
+                d.steps_per_epoch,
+                d.num_train,
+                d.learning_rate,
+                f"resuming at step {self.start_step}"
+                if self.start_step
+                else f"starting from the weights of {c.init_from}"
+                if c.init_from
+                else "starting from scratch",
+            )
+        self.compile_s = (
+            self.source.compile(self.state, self.step, self._chunk_size()) if self.step < self.total else 0.0
+        )
         self.progress = Progress(total=self.total, initial=self.start_step, enabled=self.main)
 
     def _chunk_size(self) -> int:
@@ -286,8 +319,11 @@ class _Run:
         self.train_time += elapsed
         bad = _first_nonfinite(metrics)
         if bad is not None:
-            raise NonFiniteLossError(_nonfinite_message(metrics, bad, self.step + bad + 1, self.last_good,
-                                                        self.checkpointer.directory))
+            raise NonFiniteLossError(
+                _nonfinite_message(
+                    metrics, bad, self.step + bad + 1, self.last_good, self.checkpointer.directory
+                )
+            )
         self.step += n
         metrics["images_per_sec"] = n * self.config.batch_size / elapsed
         return metrics
@@ -295,16 +331,26 @@ class _Run:
     def log_train(self, metrics: dict[str, np.ndarray]) -> None:
         for key, values in self.window.items():
             values.extend(float(v) for v in metrics[key])
-        self.progress.update(self.step, {"loss": float(np.mean(metrics["loss"])),
-                                         "err": float(np.mean(metrics["error"]))}, metrics["images_per_sec"])
+        self.progress.update(
+            self.step,
+            {"loss": float(np.mean(metrics["loss"])), "err": float(np.mean(metrics["error"]))},
+            metrics["images_per_sec"],
+        )
         if self.step % self.config.log_every_steps and self.step != self.total:
             return
         n = len(self.window["loss"])
-        self.writer.write(self.step, "train", {
-            "loss": math.fsum(self.window["loss"]) / n, "error": math.fsum(self.window["error"]) / n,
-            "learning_rate": float(self.schedule(self.step - 1)),
-            "grad_norm": float(metrics["grad_norm"][-1]), "param_norm": float(metrics["param_norm"][-1]),
-            "images_per_sec": metrics["images_per_sec"]})
+        self.writer.write(
+            self.step,
+            "train",
+            {
+                "loss": math.fsum(self.window["loss"]) / n,
+                "error": math.fsum(self.window["error"]) / n,
+                "learning_rate": float(self.schedule(self.step - 1)),
+                "grad_norm": float(metrics["grad_norm"][-1]),
+                "param_norm": float(metrics["param_norm"][-1]),
+                "images_per_sec": metrics["images_per_sec"],
+            },
+        )
         self.window = {k: [] for k in self.window}
 
     def evaluate(self, write: bool = True) -> dict[str, float]:
@@ -318,9 +364,11 @@ class _Run:
             return
         record = self.evaluate()
         self.evals.append((self.step, record["error"]))
-        self.progress.log(f"step {self.step}: {self.info.eval_split} error {100 * record['error']:.2f}% "
-                          f"(top-5 {100 * record['error_top5']:.2f}%) loss {record['loss']:.4f} "
-                          f"over {record['count']} images")
+        self.progress.log(
+            f"step {self.step}: {self.info.eval_split} error {100 * record['error']:.2f}% "
+            f"(top-5 {100 * record['error_top5']:.2f}%) loss {record['loss']:.4f} "
+            f"over {record['count']} images"
+        )
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         if self.step % self.config.checkpoint_every_steps and self.step != self.total and not force:
@@ -331,9 +379,11 @@ class _Run:
             raise NonFiniteLossError(
                 f"training diverged at step {self.step} (loss and norms finite, but the state holds NaN "
                 "or infinite values: overflowed BatchNorm statistics?); "
-                + _nonfinite_where(self.last_good, self.checkpointer.directory))
-        self.checkpointer.save(self.step, items, {"config_name": self.config.model.name,
-                                                  "train_window": self.window})
+                + _nonfinite_where(self.last_good, self.checkpointer.directory)
+            )
+        self.checkpointer.save(
+            self.step, items, {"config_name": self.config.model.name, "train_window": self.window}
+        )
         self.last_good = self.step
 
     def abort(self, error: BaseException) -> None:
@@ -378,7 +428,9 @@ class _Run:
             "resumed_from": self.start_step,
             "wall_clock_s": time.time() - self.wall_start,
             "compile_s": self.compile_s,
-            "train_images_per_sec": steps_run * self.config.batch_size / self.train_time if self.train_time else None,
+            "train_images_per_sec": steps_run * self.config.batch_size / self.train_time
+            if self.train_time
+            else None,
             "hardware": _hardware(),
         }
 
@@ -393,8 +445,9 @@ def _init_from(state: TrainState, path: str, model: Any, load_weights: WeightLoa
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       load_weights: WeightLoader | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, load_weights: WeightLoader | None = None
+) -> dict[str, Any]:
     """Trains and evaluates as `config` says, in `workdir`; returns what results.json holds.
 
     `load_weights(path, target_variables, model) -> variables` reads `config.init_from` (the
@@ -426,12 +479,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted (SIGTERM)"
         raise PreemptedError(
             f"{what} at step {run.step} of {run.total}; checkpoint step {run.step} is saved in "
-            f"{run.checkpointer.directory}: rerun the same command to resume from it", signum=signum)
+            f"{run.checkpointer.directory}: rerun the same command to resume from it",
+            signum=signum,
+        )
     results = run.results()
     if run.main:
         atomic_write_json(run.workdir / "results.json", results)
-        log.info("done: %s error %.2f%% (best %.2f%% at step %d), %.0f s; results in %s", results["eval_split"],
-                 100 * results["final_error"], 100 * results["best_error"], results["best_step"],
-                 results["wall_clock_s"], run.workdir / "results.json")
+        log.info(
+            "done: %s error %.2f%% (best %.2f%% at step %d), %.0f s; results in %s",
+            results["eval_split"],
+            100 * results["final_error"],
+            100 * results["best_error"],
+            results["best_step"],
+            results["wall_clock_s"],
+            run.workdir / "results.json",
+        )
     run.close()
     return results

@@ -74,7 +74,9 @@ def _records(data: bytes, source: str, *, strict: bool) -> list[tuple[bytes, dic
             if number == len(lines):  # no newline after it: the write never finished
                 log.info("%s: ignoring a partial last line", source)
             elif strict:
-                raise ValueError(f"{source} line {number} is not a metrics record ({e}): {line[:200]!r}") from e
+                raise ValueError(
+                    f"{source} line {number} is not a metrics record ({e}): {line[:200]!r}"
+                ) from e
             else:
                 log.warning("%s line %d is not a metrics record (%s); dropping it", source, number, e)
     return pairs
@@ -93,8 +95,11 @@ def _import_tensorflow() -> Any:
     try:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
     except Exception as e:  # absent, or broken by a protobuf mismatch: TensorBoard is optional
-        log.info("TensorBoard output is off: TensorFlow is not importable (%s); metrics go to %s only",
-                 e, METRICS_FILE)
+        log.info(
+            "TensorBoard output is off: TensorFlow is not importable (%s); metrics go to %s only",
+            e,
+            METRICS_FILE,
+        )
         return None
     try:
         # TensorFlow would otherwise reserve the accelerators JAX is about to use.
@@ -130,7 +135,10 @@ class _TensorBoard:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tf.summary.write(
-                        name, self._tf.constant(float(value), self._tf.float32), step=step, metadata=self._metadata
+                        name,
+                        self._tf.constant(float(value), self._tf.float32),
+                        step=step,
+                        metadata=self._metadata,
                     )
         writer.flush()
 
@@ -176,7 +184,7 @@ def _truncate_event_file(tf: Any, path: Path, step: int) -> int:
             dropped += 1  # a record the killed run did not finish
             break
         try:
-            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
         except DecodeError:
             dropped += 1
             break

@@ -9,8 +9,8 @@ given iterations, and the optional warm-up of ResNet-110; a cosine schedule for 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,14 +129,30 @@ def build_optimizer(config: Any, derived: Any) -> tuple[optax.GradientTransforma
     """The optimizer and schedule a training config asks for, at its derived (scaled) values."""
     sched = config.schedule
     if sched.kind == "cosine":
-        schedule = cosine_schedule(derived.learning_rate, derived.total_steps, derived.warmup_steps,
-                                   derived.warmup_learning_rate, sched.warmup)
+        schedule = cosine_schedule(
+            derived.learning_rate,
+            derived.total_steps,
+            derived.warmup_steps,
+            derived.warmup_learning_rate,
+            sched.warmup,
+        )
     else:
-        schedule = step_schedule(derived.learning_rate, derived.boundaries, sched.decay_factor,
-                                 derived.warmup_steps, derived.warmup_learning_rate, sched.warmup)
+        schedule = step_schedule(
+            derived.learning_rate,
+            derived.boundaries,
+            sched.decay_factor,
+            derived.warmup_steps,
+            derived.warmup_learning_rate,
+            sched.warmup,
+        )
     opt = config.optimizer
-    tx = sgd(schedule, opt.momentum, opt.nesterov, opt.weight_decay,
-             lambda params: weight_decay_mask(params, opt.weight_decay_on))
+    tx = sgd(
+        schedule,
+        opt.momentum,
+        opt.nesterov,
+        opt.weight_decay,
+        lambda params: weight_decay_mask(params, opt.weight_decay_on),
+    )
     return tx, schedule
 
 
@@ -183,7 +199,9 @@ def derive(flat: Mapping[str, Any], batch: int, num_train: int, num_eval: int) -
     )
 
 
-def _schedule_steps(flat: Mapping[str, Any], batch: int, steps_per_epoch: int) -> tuple[int, tuple[int, ...], int]:
+def _schedule_steps(
+    flat: Mapping[str, Any], batch: int, steps_per_epoch: int
+) -> tuple[int, tuple[int, ...], int]:
     """(total steps, boundaries, warm-up steps) at the actual batch size.
 
     Either in steps at `reference_batch_size`, rescaled by the linear scaling rule (the
@@ -193,32 +211,46 @@ def _schedule_steps(flat: Mapping[str, Any], batch: int, steps_per_epoch: int) -
     epochs = None if flat["schedule.total_steps"] is not None else flat["schedule.epochs"]
     if flat["schedule.total_steps"] is None and epochs is None:
         raise ConfigError("config fields schedule.total_steps and schedule.epochs are both None: set one")
-    if flat["schedule.kind"] == "cosine" and (flat["schedule.boundaries"] or flat["schedule.boundary_epochs"]):
-        raise ConfigError("config field schedule.kind = 'cosine' takes no boundaries: set schedule.boundaries "
-                          "and schedule.boundary_epochs to ()")
+    if flat["schedule.kind"] == "cosine" and (
+        flat["schedule.boundaries"] or flat["schedule.boundary_epochs"]
+    ):
+        raise ConfigError(
+            "config field schedule.kind = 'cosine' takes no boundaries: set schedule.boundaries "
+            "and schedule.boundary_epochs to ()"
+        )
     if epochs is None:
         if flat["schedule.boundary_epochs"] or flat["schedule.warmup_epochs"]:
-            raise ConfigError("config fields schedule.boundary_epochs / schedule.warmup_epochs are in epochs, "
-                              "but schedule.total_steps is set (and wins over schedule.epochs): use "
-                              "schedule.boundaries / warmup_steps, and set boundary_epochs=() and warmup_epochs=0")
+            raise ConfigError(
+                "config fields schedule.boundary_epochs / schedule.warmup_epochs are in epochs, "
+                "but schedule.total_steps is set (and wins over schedule.epochs): use "
+                "schedule.boundaries / warmup_steps, and set boundary_epochs=() and warmup_epochs=0"
+            )
         return _steps_schedule(flat, batch)
     if flat["schedule.boundaries"] or flat["schedule.warmup_steps"]:
-        raise ConfigError("config fields schedule.boundaries / schedule.warmup_steps are in steps: with "
-                          "schedule.epochs use schedule.boundary_epochs / schedule.warmup_epochs")
+        raise ConfigError(
+            "config fields schedule.boundaries / schedule.warmup_steps are in steps: with "
+            "schedule.epochs use schedule.boundary_epochs / schedule.warmup_epochs"
+        )
     bounds = tuple(flat["schedule.boundary_epochs"])
     if any(b <= 0 or b >= epochs for b in bounds) or list(bounds) != sorted(set(bounds)):
-        raise ConfigError(f"config field schedule.boundary_epochs = {bounds}: must be strictly increasing "
-                          f"epochs in (0, schedule.epochs = {epochs})")
+        raise ConfigError(
+            f"config field schedule.boundary_epochs = {bounds}: must be strictly increasing "
+            f"epochs in (0, schedule.epochs = {epochs})"
+        )
     if flat["schedule.warmup_epochs"] >= epochs or (bounds and flat["schedule.warmup_epochs"] > bounds[0]):
-        raise ConfigError(f"config field schedule.warmup_epochs = {flat['schedule.warmup_epochs']} must be below "
-                          "schedule.epochs and not pass the first boundary")
+        raise ConfigError(
+            f"config field schedule.warmup_epochs = {flat['schedule.warmup_epochs']} must be below "
+            "schedule.epochs and not pass the first boundary"
+        )
     total = int(round(epochs * steps_per_epoch))
     boundaries = tuple(int(round(b * steps_per_epoch)) for b in bounds)
     warmup = int(round(flat["schedule.warmup_epochs"] * steps_per_epoch))
     if total < 1 or any(b <= 0 or b >= total for b in boundaries) or len(set(boundaries)) != len(boundaries):
-        raise ConfigError(f"config field schedule.epochs = {epochs}: at {steps_per_epoch} steps per epoch "
-                          f"(batch_size {batch}) the schedule is {total} steps with boundaries {boundaries}, "
-                          "too short to hold them; train longer or use a smaller batch_size")
+        raise ConfigError(
+            f"config field schedule.epochs = {epochs}: at {steps_per_epoch} steps per epoch "
+            f"(batch_size {batch}) the schedule is {total} steps with boundaries {boundaries}, "
+            "too short to hold them; train longer or use a smaller batch_size"
+        )
     return total, boundaries, warmup
 
 
@@ -226,30 +258,41 @@ def _steps_schedule(flat: Mapping[str, Any], batch: int) -> tuple[int, tuple[int
     ref = flat["reference_batch_size"]
     total = _scaled(flat["schedule.total_steps"], batch, ref)
     if total < 1:
-        raise ConfigError(f"config field schedule.total_steps = {flat['schedule.total_steps']} "
-                          f"at batch_size {batch} rounds to 0 steps")
+        raise ConfigError(
+            f"config field schedule.total_steps = {flat['schedule.total_steps']} "
+            f"at batch_size {batch} rounds to 0 steps"
+        )
     boundaries = tuple(flat["schedule.boundaries"])
-    if any(b <= 0 or b >= flat["schedule.total_steps"] for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+    if any(b <= 0 or b >= flat["schedule.total_steps"] for b in boundaries) or list(boundaries) != sorted(
+        set(boundaries)
+    ):
         raise ConfigError(
             f"config field schedule.boundaries = {boundaries}: must be strictly increasing steps "
-            f"in (0, schedule.total_steps = {flat['schedule.total_steps']})")
+            f"in (0, schedule.total_steps = {flat['schedule.total_steps']})"
+        )
     if flat["schedule.warmup_steps"] >= flat["schedule.total_steps"]:
-        raise ConfigError(f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must be "
-                          f"below schedule.total_steps = {flat['schedule.total_steps']}")
+        raise ConfigError(
+            f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must be "
+            f"below schedule.total_steps = {flat['schedule.total_steps']}"
+        )
     if boundaries and flat["schedule.warmup_steps"] > boundaries[0]:
-        raise ConfigError(f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must not "
-                          f"pass the first boundary {boundaries[0]}")
+        raise ConfigError(
+            f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} must not "
+            f"pass the first boundary {boundaries[0]}"
+        )
     scaled = tuple(_scaled(b, batch, ref) for b in boundaries)
     if any(b <= 0 or b >= total for b in scaled):
         # Rounding to 0 would decay the rate from the first step; to `total`, never.
         raise ConfigError(
             f"config field schedule.boundaries = {boundaries}: rescaled from reference_batch_size {ref} "
             f"to batch_size {batch} they become {scaled}, outside (0, {total} steps); use a smaller "
-            "batch_size or more schedule.total_steps")
+            "batch_size or more schedule.total_steps"
+        )
     warmup = _scaled(flat["schedule.warmup_steps"], batch, ref)
     if flat["schedule.warmup_steps"] and not warmup:
         raise ConfigError(
             f"config field schedule.warmup_steps = {flat['schedule.warmup_steps']} rounds to 0 steps at "
             f"batch_size {batch} (given at reference_batch_size {ref}): the warm-up would vanish; "
-            "use more warmup_steps, or 0 for none")
+            "use more warmup_steps, or 0 for none"
+        )
     return total, scaled, warmup

@@ -38,8 +38,13 @@ class Plan:
     model: models.ResNet
 
 
-def make_plan(config: ml_collections.ConfigDict, num_devices: int, *, train: bool = True,
-              checked: Mapping[str, Any] | None = None) -> Plan:
+def make_plan(
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    *,
+    train: bool = True,
+    checked: Mapping[str, Any] | None = None,
+) -> Plan:
     """The plan of a run over `num_devices` devices; ConfigError or DataError first.
 
     `train=False`: an evaluation, for which the training split need not be there. `checked`:
@@ -49,11 +54,14 @@ def make_plan(config: ml_collections.ConfigDict, num_devices: int, *, train: boo
     flat = dict(checked) if checked is not None else config_lib.check_fields(config)
     info = sources.describe(config, splits=("train", "eval") if train else ("eval",))
     if train:
-        derived = config_lib.validate(config, num_devices=num_devices, sizes=(info.num_train, info.num_eval),
-                                      checked=flat)
+        derived = config_lib.validate(
+            config, num_devices=num_devices, sizes=(info.num_train, info.num_eval), checked=flat
+        )
     else:
         derived = None
         if flat["eval_batch_size"] % num_devices:
-            raise config_lib.ConfigError(f"config field eval_batch_size = {flat['eval_batch_size']} does not "
-                                         f"divide by the {num_devices} devices")
+            raise config_lib.ConfigError(
+                f"config field eval_batch_size = {flat['eval_batch_size']} does not "
+                f"divide by the {num_devices} devices"
+            )
     return Plan(config, info, derived, config_lib.build_model(config, info.num_classes))

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,6 @@ from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding
 from resnet_jax.train.state import TrainState
 from resnet_jax.train.steps import EvalFn, StepFn
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,19 +70,25 @@ def describe(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("trai
     if d.name in config_lib.CIFAR_DATASETS:
         num_train, num_eval = config_lib.dataset_sizes(config)  # CIFAR's follow from the config
         classes = cifar.CIFAR100_NUM_CLASSES[d.label_mode] if d.name == "cifar100" else cifar.NUM_CLASSES
-        return DatasetInfo(num_train, num_eval, classes, cifar.IMAGE_SHAPE,
-                           "validation" if d.validation_size else "test")
+        return DatasetInfo(
+            num_train, num_eval, classes, cifar.IMAGE_SHAPE, "validation" if d.validation_size else "test"
+        )
     from resnet_jax.data import imagenet
 
     spec = imagenet_spec(d)
     imagenet.check(spec, splits=splits)
-    return DatasetInfo(imagenet.num_examples(spec, "train") if "train" in splits else 0,
-                       imagenet.num_examples(spec, "eval"),
-                       len(imagenet.class_names(spec)), (d.image_size, d.image_size, 3), "validation")
+    return DatasetInfo(
+        imagenet.num_examples(spec, "train") if "train" in splits else 0,
+        imagenet.num_examples(spec, "eval"),
+        len(imagenet.class_names(spec)),
+        (d.image_size, d.image_size, 3),
+        "validation",
+    )
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, info: DatasetInfo, train_step: StepFn,
-          eval_step: EvalFn) -> DataSource:
+def build(
+    config: ml_collections.ConfigDict, mesh: Mesh, info: DatasetInfo, train_step: StepFn, eval_step: EvalFn
+) -> DataSource:
     """The source for `config.dataset.name`, with its data opened (CIFAR: on the devices)."""
     if config.dataset.name in config_lib.CIFAR_DATASETS:
         return CifarSource(config, mesh, info, train_step, eval_step)
@@ -100,8 +106,14 @@ def imagenet_spec(dataset: ml_collections.ConfigDict) -> Any:
 class CifarSource:
     """CIFAR on the devices: see `feeding` for how the steps gather and augment."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, info: DatasetInfo,
-                 train_step: StepFn, eval_step: EvalFn):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        info: DatasetInfo,
+        train_step: StepFn,
+        eval_step: EvalFn,
+    ):
         d = config.dataset
         self.info = info
         data = cifar.load_cifar(d.name, d.source, d.data_dir, d.validation_size, label_mode=d.label_mode)
@@ -110,7 +122,9 @@ class CifarSource:
         self._batch = config.batch_size
         self._chunk = feeding.TrainChunk(train_step, mesh, seed=config.seed, pad=d.pad, flip=d.flip)
         self._evaluate = feeding.make_evaluate(eval_step, mesh)
-        self._eval_idx, self._eval_mask = feeding.eval_arrays(self.data.test.size, config.eval_batch_size, mesh)
+        self._eval_idx, self._eval_mask = feeding.eval_arrays(
+            self.data.test.size, config.eval_batch_size, mesh
+        )
         self._idx_sharding = parallel.batch_sharded(mesh, axis=1)
 
     def _indices(self, step: int, n: int) -> jax.Array:
@@ -134,8 +148,10 @@ def _flatten_views(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _unflatten_views(batch: dict[str, Any]) -> dict[str, Any]:
-    views = tuple(batch[k] for k in sorted((k for k in batch if k.startswith("views_")),
-                                           key=lambda k: int(k.split("_")[1])))
+    views = tuple(
+        batch[k]
+        for k in sorted((k for k in batch if k.startswith("views_")), key=lambda k: int(k.split("_")[1]))
+    )
     out = {k: v for k, v in batch.items() if not k.startswith("views_")}
     out["views"] = views
     return out
@@ -149,8 +165,14 @@ class ImageNetSource:
     (seed, s), so rebuilding it loses nothing.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, info: DatasetInfo,
-                 train_step: StepFn, eval_step: EvalFn):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        info: DatasetInfo,
+        train_step: StepFn,
+        eval_step: EvalFn,
+    ):
         from resnet_jax.data import imagenet
 
         d = config.dataset
@@ -173,23 +195,35 @@ class ImageNetSource:
         processes = jax.process_count()
         for field, size in (("batch_size", self._batch), ("eval_batch_size", self._eval_batch)):
             if size % processes:
-                raise config_lib.ConfigError(f"config field {field} = {size} does not divide by the "
-                                             f"{processes} processes: each reads an equal share")
+                raise config_lib.ConfigError(
+                    f"config field {field} = {size} does not divide by the "
+                    f"{processes} processes: each reads an equal share"
+                )
 
     def _train_batches(self, step: int) -> Iterator[dict[str, jax.Array]]:
         d = self._dataset
         host = self._imagenet.train_batches(
-            self._spec, seed=self._seed, start_step=step, global_batch=self._batch,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            image_size=d.image_size, transform=d.train_transform, scale_range=tuple(d.scale_range),
-            pca_std=d.pca_std, skip_bad_files=d.skip_bad_files)
+            self._spec,
+            seed=self._seed,
+            start_step=step,
+            global_batch=self._batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            image_size=d.image_size,
+            transform=d.train_transform,
+            scale_range=tuple(d.scale_range),
+            pca_std=d.pca_std,
+            skip_bad_files=d.skip_bad_files,
+        )
         return parallel.prefetch_to_mesh(host, self._mesh)
 
     def _abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         size = self._dataset.image_size
         sharding = parallel.batch_sharded(self._mesh)
-        return {"image": jax.ShapeDtypeStruct((self._batch, size, size, 3), jnp.float32, sharding=sharding),
-                "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32, sharding=sharding)}
+        return {
+            "image": jax.ShapeDtypeStruct((self._batch, size, size, 3), jnp.float32, sharding=sharding),
+            "label": jax.ShapeDtypeStruct((self._batch,), jnp.int32, sharding=sharding),
+        }
 
     def compile(self, state: TrainState, step: int, n: int) -> float:
         del step, n
@@ -211,10 +245,16 @@ class ImageNetSource:
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         d = self._dataset
         host = self._imagenet.eval_batches(
-            self._spec, protocol=d.eval_protocol, per_process_batch=self._eval_batch // jax.process_count(),
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            image_size=d.image_size, resize_size=d.eval_resize, scales=tuple(d.eval_scales),
-            skip_bad_files=d.skip_bad_files)
+            self._spec,
+            protocol=d.eval_protocol,
+            per_process_batch=self._eval_batch // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            image_size=d.image_size,
+            resize_size=d.eval_resize,
+            scales=tuple(d.eval_scales),
+            skip_bad_files=d.skip_bad_files,
+        )
         for batch in parallel.prefetch_to_mesh((_flatten_views(b) for b in host), self._mesh):
             yield _unflatten_views(batch)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -28,10 +29,14 @@ class TrainState:
 
     def checkpoint_items(self) -> dict[str, Any]:
         """What a checkpoint holds: the arrays, none of the static fields."""
-        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-                "opt_state": self.opt_state}
+        return {
+            "step": self.step,
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+        }
 
-    def replace_items(self, items: dict[str, Any]) -> "TrainState":
+    def replace_items(self, items: dict[str, Any]) -> TrainState:
         return self.replace(**items)
 
 
@@ -47,9 +52,14 @@ def create_train_state(
     def init(key):
         variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          apply_fn=model.apply, tx=tx)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            apply_fn=model.apply,
+            tx=tx,
+        )
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(init, out_shardings=replicated)(rng)
@@ -58,4 +68,5 @@ def create_train_state(
 def abstract_items(state: TrainState) -> dict[str, Any]:
     """Shapes, dtypes and shardings of the checkpointed items (what a restore fills in)."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.checkpoint_items())
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.checkpoint_items()
+    )

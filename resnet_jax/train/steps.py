@@ -34,12 +34,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array],
-               label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+) -> tuple[TrainState, Metrics]:
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-            mutable=["batch_stats"])
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
         loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
         return loss, (logits, updates["batch_stats"])
 
@@ -52,8 +56,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
     return new_state, metrics
 
 
@@ -95,5 +100,9 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> Metrics:
 def summarize_eval(sums: dict[str, Any]) -> dict[str, float]:
     """Summed eval metrics -> the record written to metrics.jsonl."""
     count = float(sums["count"])
-    return {"loss": float(sums["loss_sum"]) / count, "error": float(sums["wrong"]) / count,
-            "error_top5": float(sums["wrong5"]) / count, "count": int(count)}
+    return {
+        "loss": float(sums["loss_sum"]) / count,
+        "error": float(sums["wrong"]) / count,
+        "error_top5": float(sums["wrong5"]) / count,
+        "count": int(count),
+    }

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 
+
 class WorkdirError(UserError, ValueError):
     """The workdir cannot be used as asked (unwritable, full, or a different config)."""
 
@@ -39,7 +40,9 @@ _MISSING = "<absent>"
 
 
 def config_differences(
-    old: Mapping[str, Any], new: Mapping[str, Any], ignore_keys: set[str],
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    ignore_keys: set[str],
     added_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (old, new) for every leaf that differs and is not ignored.
@@ -87,8 +90,7 @@ def _check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise WorkdirError(
-            f"workdir {str(path)!r} is not writable ({e}); choose another --workdir "
-            "or fix its permissions"
+            f"workdir {str(path)!r} is not writable ({e}); choose another --workdir or fix its permissions"
         ) from e
 
 
@@ -126,17 +128,22 @@ def _lock(path: Path) -> None:
         holder = f.read().strip() or "another process"
         f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise WorkdirError(f"workdir {str(path)!r} cannot be locked ({e}); choose another --workdir") from e
+            raise WorkdirError(
+                f"workdir {str(path)!r} cannot be locked ({e}); choose another --workdir"
+            ) from e
         raise WorkdirError(
             f"workdir {str(path)!r} is in use by {holder}; wait for that run to end (or stop it), "
-            "or choose another --workdir") from None
+            "or choose another --workdir"
+        ) from None
     except BaseException:
         f.close()
         raise
     f.seek(0)
     f.truncate()
-    f.write(f"the run of pid {os.getpid()} on host {socket.gethostname()} (started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n")
+    f.write(
+        f"the run of pid {os.getpid()} on host {socket.gethostname()} (started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')})\n"
+    )
     f.flush()
     _HELD_LOCKS[path] = f
 
@@ -203,7 +210,9 @@ def _reconcile_config(
         log.warning(
             "config changed on resume (allowed by %s); old config kept as %s. "
             "Differing keys (old -> new):\n%s",
-            override_hint, backup, _format_diffs(diffs),
+            override_hint,
+            backup,
+            _format_diffs(diffs),
         )
     if stored != config:
         # Ignorable keys (cadences, logging) may differ: config.json tracks the live run.
@@ -298,8 +307,11 @@ def _raise_agreed(failure: Exception | None) -> None:
         return
     from jax.experimental import multihost_utils  # only multi-process runs need it
 
-    code = 0 if failure is None else next(
-        i + 1 for i, cls in enumerate(_VERDICT_CLASSES) if isinstance(failure, cls))
+    code = (
+        0
+        if failure is None
+        else next(i + 1 for i, cls in enumerate(_VERDICT_CLASSES) if isinstance(failure, cls))
+    )
     message = b"" if failure is None else str(failure).encode("utf-8")
     lengths = np.asarray(multihost_utils.process_allgather(np.array([code, len(message)], np.int32)))
     failed = np.flatnonzero(lengths[:, 0])

@@ -26,7 +26,7 @@ from resnet_jax.errors import first_line
 class BatchIterator:
     """An iterator of batches with the files it skipped (`bad_files`, in order met)."""
 
-    def __init__(self, generator_fn: Callable[["BatchIterator"], Iterator[dict]]):
+    def __init__(self, generator_fn: Callable[[BatchIterator], Iterator[dict]]):
         self.bad_files: list[str] = []
         self._it = generator_fn(self)
 
@@ -41,7 +41,6 @@ class BatchIterator:
         logging.warning("skipping unreadable image %s (%d skipped so far)", name, len(self.bad_files))
 
 
-
 def _find_bad_file(files: Sequence[str], err: Exception, where: str) -> DataError:
     """Re-decodes `files` one by one (eagerly) to name the one that failed."""
     import tensorflow as tf
@@ -54,10 +53,11 @@ def _find_bad_file(files: Sequence[str], err: Exception, where: str) -> DataErro
         try:
             T.decode(tf.io.read_file(path))
         except Exception as one:  # noqa: BLE001 - any failure names this file
-            return DataError(f"{path}: cannot be decoded as an image ({first_line(one)}); fix or remove it, "
-                             "or pass skip_bad_files=True to skip and count such files")
+            return DataError(
+                f"{path}: cannot be decoded as an image ({first_line(one)}); fix or remove it, "
+                "or pass skip_bad_files=True to skip and count such files"
+            )
     return DataError(f"reading {where} failed: {first_line(err)} (files: {', '.join(files[:4])}...)")
-
 
 
 def _assemble(elements, plan, make_row, on_bad):
@@ -87,10 +87,14 @@ def _substitute(rows: list, names: Sequence[str]) -> list:
     if len(good) == len(rows):
         return rows
     if not good:
-        raise DataError(f"every file of a training batch failed to decode (first: {names[0]}); "
-                        "skip_bad_files=True can only replace a bad row by a good one of the same batch")
+        raise DataError(
+            f"every file of a training batch failed to decode (first: {names[0]}); "
+            "skip_bad_files=True can only replace a bad row by a good one of the same batch"
+        )
     n = len(rows)
-    return [row if row is not None else rows[min(good, key=lambda g: (g - i) % n)] for i, row in enumerate(rows)]
+    return [
+        row if row is not None else rows[min(good, key=lambda g: (g - i) % n)] for i, row in enumerate(rows)
+    ]
 
 
 def _stack(values):

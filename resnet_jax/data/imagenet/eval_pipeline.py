@@ -46,18 +46,37 @@ def _eval_fn(protocol, image_size, resize_size, scales, mean, std):
         from resnet_jax.data import image_transforms as T
 
         if protocol == "center":
-            return (T.eval_center(image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std),)
+            return (
+                T.eval_center(
+                    image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std
+                ),
+            )
         if protocol == "ten_crop":
-            return (T.eval_ten_crop(image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std),)
+            return (
+                T.eval_ten_crop(
+                    image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std
+                ),
+            )
         return T.eval_multi_scale(image_bytes, scales=scales, mean=mean, std=std)
 
     return views
 
 
-def eval_batches(spec: ImageNetSpec, *, protocol: str = "center", per_process_batch: int, process_index: int,
-                 process_count: int, image_size: int = 224, resize_size: int = 256,
-                 scales=(224, 256, 384, 480, 640), mean=MEAN_RGB, std=STD_RGB, skip_bad_files: bool = False,
-                 threads: int | None = None) -> BatchIterator:
+def eval_batches(
+    spec: ImageNetSpec,
+    *,
+    protocol: str = "center",
+    per_process_batch: int,
+    process_index: int,
+    process_count: int,
+    image_size: int = 224,
+    resize_size: int = 256,
+    scales=(224, 256, 384, 480, 640),
+    mean=MEAN_RGB,
+    std=STD_RGB,
+    skip_bad_files: bool = False,
+    threads: int | None = None,
+) -> BatchIterator:
     """Finite iterator over this process's share of the evaluation split.
 
     Each batch: {'views': tuple of float32 [b, V, H, W, 3] (one group; multi_scale: one
@@ -74,8 +93,14 @@ def eval_batches(spec: ImageNetSpec, *, protocol: str = "center", per_process_ba
     _check_process(process_index, process_count)
     check_positive("per_process_batch", per_process_batch)
     views = _eval_fn(protocol, image_size, resize_size, tuple(scales), mean, std)
-    args = dict(views=views, b=per_process_batch, process_index=process_index, process_count=process_count,
-                skip_bad_files=skip_bad_files, threads=threads)
+    args = dict(
+        views=views,
+        b=per_process_batch,
+        process_index=process_index,
+        process_count=process_count,
+        skip_bad_files=skip_bad_files,
+        threads=threads,
+    )
     if spec.source == "folder":
         return BatchIterator(lambda it: _folder_eval(it, spec, **args))
     return BatchIterator(lambda it: _tfds_eval(it, spec, **args))
@@ -144,6 +169,7 @@ def _folder_eval(it, spec, *, views, b, process_index, process_count, skip_bad_f
 
     ds = tf.data.Dataset.from_tensor_slices((mine, mine_labels, mask, np.arange(total, dtype=np.int64)))
     ds = _eval_pipeline(tf, ds.map(read), views, b, threads, skip_bad_files)
+
     def names(k):
         return mine[k * b : (k + 1) * b]
 
@@ -176,7 +202,9 @@ def _tfds_eval(it, spec, *, views, b, process_index, process_count, skip_bad_fil
         return [f"{spec.tfds_name}/{share} record {k * b + r}" for r in range(b)]
 
     def on_error(k, err):
-        return DataError(f"tfds {spec.tfds_name}/{share} (data_dir {builder.data_dir}): a record of eval batch {k} "
-                         f"failed to decode: {first_line(err)}; pass skip_bad_files=True to skip and count such records")
+        return DataError(
+            f"tfds {spec.tfds_name}/{share} (data_dir {builder.data_dir}): a record of eval batch {k} "
+            f"failed to decode: {first_line(err)}; pass skip_bad_files=True to skip and count such records"
+        )
 
     yield from _run_eval(it, tf, ds, b, num_batches, names, skip_bad_files, on_error)

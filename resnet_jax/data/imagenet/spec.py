@@ -74,6 +74,7 @@ def _folder_dir(spec: ImageNetSpec, split: str) -> Path:
 
 # ---------------------------------------------------------------------------- folder listing
 
+
 @functools.lru_cache(maxsize=1)
 def imagenet_synsets() -> tuple[str, ...]:
     """The 1000 ILSVRC-2012 synsets in tfds imagenet2012's label order (sorted ids).
@@ -113,8 +114,11 @@ def _list_folder(directory: str, root: str) -> tuple[tuple[str, ...], np.ndarray
     index = {name: i for i, name in enumerate(_folder_classes(root))}
     paths, labels = [], []
     for name in _class_dirs(Path(directory)):
-        files = sorted(e.name for e in os.scandir(Path(directory) / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(
+            e.name
+            for e in os.scandir(Path(directory) / name)
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
         paths.extend(os.path.join(directory, name, f) for f in files)
         labels.extend([index[name]] * len(files))
     return tuple(paths), np.asarray(labels, dtype=np.int32)
@@ -126,11 +130,14 @@ def _folder_files(spec: ImageNetSpec, split: str) -> tuple[tuple[str, ...], np.n
         raise DataError(f"{directory}: no such directory; {_FOLDER_HOW}")
     paths, labels = _list_folder(str(directory), str(Path(spec.data_dir)))
     if not paths:
-        raise DataError(f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders; {_FOLDER_HOW}")
+        raise DataError(
+            f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders; {_FOLDER_HOW}"
+        )
     return paths, labels
 
 
 # ---------------------------------------------------------------------------- tfds
+
 
 def _tfds_builder(spec: ImageNetSpec):
     import tensorflow_datasets as tfds
@@ -148,11 +155,16 @@ def _tfds_count(builder, spec: ImageNetSpec, split: str) -> int:
     except Exception as err:
         raise DataError(
             f"tfds {spec.tfds_name} split {split!r} is not prepared under {builder.data_dir} ({err}); "
-            + (_TFDS_HOW if spec.tfds_name == "imagenet2012" else f"prepare it with `tfds build {spec.tfds_name}`")
+            + (
+                _TFDS_HOW
+                if spec.tfds_name == "imagenet2012"
+                else f"prepare it with `tfds build {spec.tfds_name}`"
+            )
         ) from err
 
 
 # ---------------------------------------------------------------------------- public metadata
+
 
 def num_examples(spec: ImageNetSpec, split: str) -> int:
     """Examples in a split ('train', 'eval' or a split name); no decoding. DataError if missing."""
@@ -182,10 +194,13 @@ def check(spec: ImageNetSpec, splits: Sequence[str] = ("train", "eval")) -> None
 
 # ---------------------------------------------------------------------------- shared by the pipelines
 
+
 def _check_process(process_index, process_count):
     check_positive("process_count", process_count)
     if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index: got {process_index!r}, want 0 <= index < process_count={process_count}")
+        raise ValueError(
+            f"process_index: got {process_index!r}, want 0 <= index < process_count={process_count}"
+        )
 
 
 def _options(tf, threads):

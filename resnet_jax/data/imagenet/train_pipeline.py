@@ -30,10 +30,23 @@ from resnet_jax.errors import first_line
 TRANSFORMS = ("paper", "inception")
 
 
-def train_batches(spec: ImageNetSpec, *, seed: int, start_step: int, global_batch: int, process_index: int,
-                  process_count: int, image_size: int = 224, transform: str = "paper",
-                  scale_range=(256, 480), pca_std: float = 0.1, mean=MEAN_RGB, std=STD_RGB,
-                  skip_bad_files: bool = False, threads: int | None = None) -> BatchIterator:
+def train_batches(
+    spec: ImageNetSpec,
+    *,
+    seed: int,
+    start_step: int,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    image_size: int = 224,
+    transform: str = "paper",
+    scale_range=(256, 480),
+    pca_std: float = 0.1,
+    mean=MEAN_RGB,
+    std=STD_RGB,
+    skip_bad_files: bool = False,
+    threads: int | None = None,
+) -> BatchIterator:
     """Infinite iterator of this process's rows of the global batch, steps start_step, ...
 
     Each item: {'image': float32 [global_batch // process_count, S, S, 3] normalised,
@@ -46,7 +59,9 @@ def train_batches(spec: ImageNetSpec, *, seed: int, start_step: int, global_batc
     _check_process(process_index, process_count)
     check_positive("global_batch", global_batch)
     if global_batch % process_count:
-        raise ValueError(f"global_batch: got {global_batch}, want a multiple of process_count={process_count}")
+        raise ValueError(
+            f"global_batch: got {global_batch}, want a multiple of process_count={process_count}"
+        )
     if transform == "paper" and not image_size <= scale_range[0] <= scale_range[1]:
         raise ValueError(f"scale_range: got {scale_range}, want image_size={image_size} <= low <= high")
     if not isinstance(start_step, (int, np.integer)) or start_step < 0:
@@ -57,13 +72,29 @@ def train_batches(spec: ImageNetSpec, *, seed: int, start_step: int, global_batc
         from resnet_jax.data import image_transforms as T
 
         if transform == "paper":
-            return T.train_paper(image_bytes, example_seed, image_size=image_size, scale_range=scale_range,
-                                 pca_std=pca_std, mean=mean, std=std)
+            return T.train_paper(
+                image_bytes,
+                example_seed,
+                image_size=image_size,
+                scale_range=scale_range,
+                pca_std=pca_std,
+                mean=mean,
+                std=std,
+            )
         return T.train_inception(image_bytes, example_seed, image_size=image_size, mean=mean, std=std)
 
-    args = dict(seed=int(seed), start_step=int(start_step), global_batch=global_batch, per=per,
-                process_index=process_index, process_count=process_count, image_fn=image_fn,
-                image_size=image_size, skip_bad_files=skip_bad_files, threads=threads)
+    args = dict(
+        seed=int(seed),
+        start_step=int(start_step),
+        global_batch=global_batch,
+        per=per,
+        process_index=process_index,
+        process_count=process_count,
+        image_fn=image_fn,
+        image_size=image_size,
+        skip_bad_files=skip_bad_files,
+        threads=threads,
+    )
     if spec.source == "folder":
         return BatchIterator(lambda it: _folder_train(it, spec, **args))
     return BatchIterator(lambda it: _tfds_train(it, spec, **args))
@@ -77,7 +108,9 @@ def _skipping_bad_rows(it, tf, ds, plan, per, threads):
     def on_bad(name):
         it._skipped(name)  # returns None: the row is filled by `_substitute`
 
-    return _assemble(ds.as_numpy_iterator(), plan, lambda e: {"image": e["image"], "label": e["label"]}, on_bad)
+    return _assemble(
+        ds.as_numpy_iterator(), plan, lambda e: {"image": e["image"], "label": e["label"]}, on_bad
+    )
 
 
 def _step_plan(seed, step, global_batch, n, per, process_index, chunk):
@@ -89,14 +122,29 @@ def _step_plan(seed, step, global_batch, n, per, process_index, chunk):
     return indices, positions
 
 
-def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_index, process_count, image_fn,
-                  image_size, skip_bad_files, threads):
+def _folder_train(
+    it,
+    spec,
+    *,
+    seed,
+    start_step,
+    global_batch,
+    per,
+    process_index,
+    process_count,
+    image_fn,
+    image_size,
+    skip_bad_files,
+    threads,
+):
     import tensorflow as tf
 
     paths, labels = _folder_files(spec, "train")
     n = len(paths)
     if global_batch > n:
-        raise ValueError(f"global_batch: got {global_batch}, larger than the {n} training images in {spec.data_dir}")
+        raise ValueError(
+            f"global_batch: got {global_batch}, larger than the {n} training images in {spec.data_dir}"
+        )
     paths_array = np.asarray(paths, dtype=object)
     chunk = 16
 
@@ -111,7 +159,11 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
             for idx, pos in zip(indices, positions):
                 yield paths_array[idx].astype(bytes), labels[idx], pos
 
-    signature = (tf.TensorSpec([per], tf.string), tf.TensorSpec([per], tf.int32), tf.TensorSpec([per], tf.int64))
+    signature = (
+        tf.TensorSpec([per], tf.string),
+        tf.TensorSpec([per], tf.int32),
+        tf.TensorSpec([per], tf.int64),
+    )
     ds = tf.data.Dataset.from_generator(generator, output_signature=signature).unbatch()
 
     def load(path, label, pos):
@@ -120,6 +172,7 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_bad_files:
+
         def plan():
             for _, indices, positions in plan_chunks():
                 for idx, pos in zip(indices, positions):
@@ -141,8 +194,21 @@ def _folder_train(it, spec, *, seed, start_step, global_batch, per, process_inde
         step += 1
 
 
-def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index, process_count, image_fn,
-                image_size, skip_bad_files, threads):
+def _tfds_train(
+    it,
+    spec,
+    *,
+    seed,
+    start_step,
+    global_batch,
+    per,
+    process_index,
+    process_count,
+    image_fn,
+    image_size,
+    skip_bad_files,
+    threads,
+):
     """tfds tfrecords: exact resume, process_count-dependent order.
 
     Epoch e of process p reads its even share of the split (`tfds.even_splits`) with
@@ -162,14 +228,20 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
     n = _tfds_count(builder, spec, split)
     steps_per_epoch = n // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"global_batch: got {global_batch}, larger than the {n} examples of {spec.tfds_name}")
+        raise ValueError(
+            f"global_batch: got {global_batch}, larger than the {n} examples of {spec.tfds_name}"
+        )
     share = tfds.even_splits(split, n=process_count)[process_index]
     epoch, position = divmod(start_step, steps_per_epoch)
     while True:
         epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
         read_config = tfds.ReadConfig(shuffle_seed=epoch_seed, interleave_cycle_length=16)
-        ds = builder.as_dataset(split=share, shuffle_files=True, read_config=read_config,
-                                decoders={"image": tfds.decode.SkipDecoding()})
+        ds = builder.as_dataset(
+            split=share,
+            shuffle_files=True,
+            read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
         ds = ds.shuffle(10_000, seed=epoch_seed, reshuffle_each_iteration=False)
         ds = ds.take(steps_per_epoch * per).skip(position * per)
         first = epoch * steps_per_epoch + position
@@ -179,16 +251,25 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
             step = epoch * steps_per_epoch + k // per
             pos = step * global_batch + process_index * per + k % per
             example_seed = tf.stack([tf.constant(seed, tf.int64), pos])
-            return {"image": image_fn(example["image"], example_seed), "label": tf.cast(example["label"], tf.int32),
-                    "pos": pos}
+            return {
+                "image": image_fn(example["image"], example_seed),
+                "label": tf.cast(example["label"], tf.int32),
+                "pos": pos,
+            }
 
-        ds = tf.data.Dataset.zip(ds, offsets).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = tf.data.Dataset.zip(ds, offsets).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
         steps = range(first, (epoch + 1) * steps_per_epoch)
         if skip_bad_files:
+
             def plan(steps=steps):
                 for step in steps:
                     pos = step * global_batch + process_index * per + np.arange(per)
-                    yield pos, [f"{spec.tfds_name}/{split} record at step {step}, row {r}" for r in range(per)]
+                    yield (
+                        pos,
+                        [f"{spec.tfds_name}/{split} record at step {step}, row {r}" for r in range(per)],
+                    )
 
             yield from _skipping_bad_rows(it, tf, ds, plan(), per, threads)
         else:
@@ -198,8 +279,10 @@ def _tfds_train(it, spec, *, seed, start_step, global_batch, per, process_index,
                 try:
                     batch = next(iterator)
                 except tf.errors.OpError as err:
-                    raise DataError(f"tfds {spec.tfds_name}/{split} (data_dir {builder.data_dir}): a record of "
-                                    f"training step {step} failed to decode: {first_line(err)}; pass "
-                                    "skip_bad_files=True to skip and count such records") from None
+                    raise DataError(
+                        f"tfds {spec.tfds_name}/{split} (data_dir {builder.data_dir}): a record of "
+                        f"training step {step} failed to decode: {first_line(err)}; pass "
+                        "skip_bad_files=True to skip and count such records"
+                    ) from None
                 yield batch
         epoch, position = epoch + 1, 0
