@@ -175,7 +175,7 @@ def torch_steps(
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         loss_fn = torch.nn.CrossEntropyLoss()
 
-        def step(net: Any = net, opt: Any = opt, inputs: Any = inputs) -> Any:
+        def step(net: Any = net, opt: Any = opt, inputs: Any = inputs, loss_fn: Any = loss_fn) -> Any:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(inputs), y)
             loss.backward()

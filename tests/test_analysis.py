@@ -99,7 +99,7 @@ def test_bn_responses_with_own_batch_statistics_have_unit_std(batch):
     model, variables = _net("cifar_resnet8")
     layers = responses.layer_responses(model, variables, images, batch_size=len(images), train=True)
     # The stem conv and two 3x3 convs in each of the three blocks, in network order.
-    assert [l["layer"] for l in layers] == ["stem_bn"] + [
+    assert [layer["layer"] for layer in layers] == ["stem_bn"] + [
         f"stage{s}_block1/bn{i}" for s in (1, 2, 3) for i in (1, 2)
     ]
     for layer in layers:

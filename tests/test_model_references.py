@@ -2,6 +2,7 @@
 (tests/_torch_reference.py, written from the papers), in train and eval mode; the README's
 model table against the code and against closed forms and published figures."""
 
+import functools
 import re
 
 import _torch_reference as ref
@@ -110,13 +111,8 @@ def assert_stats_match(updated, new_stats, old_stats, rel=REL):
 
 
 def layers(train):
-    conv = lambda *a, **k: nn.Conv(*a, use_bias=False, dtype=F64, param_dtype=F64, **k)  # noqa: E731
-    norm = lambda **k: GhostBatchNorm(
-        use_running_average=not train,
-        dtype=F64,  # noqa: E731
-        param_dtype=F64,
-        **k,
-    )
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=F64, param_dtype=F64)
+    norm = functools.partial(GhostBatchNorm, use_running_average=not train, dtype=F64, param_dtype=F64)
     return dict(conv=conv, norm=norm, act=nn.relu)
 
 

@@ -229,8 +229,8 @@ else:
     path_cls = type(epath.Path("/"))
     real_write_text, real_write_bytes = path_cls.write_text, path_cls.write_bytes
     def late_step(path):
-        return any(re.fullmatch(r"(\\d+)(\\.orbax-checkpoint-tmp.*)?", part) and int(re.match(r"\\d+", part)[0]) >= 12
-                   for part in path.parts)
+        return any(re.fullmatch(r"(\\d+)(\\.orbax-checkpoint-tmp.*)?", part)
+                   and int(re.match(r"\\d+", part)[0]) >= 12 for part in path.parts)
     def guard(real):
         def write(self, *args, **kwargs):
             if late_step(self):

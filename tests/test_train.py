@@ -227,7 +227,8 @@ from resnet_jax.train import loop
 config = tiny_config({data!r}, dataset__source="auto", tensorboard=True, schedule__total_steps=4,
                      schedule__boundaries=(2,))
 results = loop.train_and_evaluate(config, {workdir!r})
-print(json.dumps({{"steps": results["steps"], "tf": "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None}}))
+tf = "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None
+print(json.dumps({{"steps": results["steps"], "tf": tf}}))
 """
 
 

@@ -197,7 +197,8 @@ def markdown_table(data: Mapping[str, Any]) -> str:
     paper = {int(k): v for k, v in data["paper_resnet_error"].items()}
     aka = {int(k): v for k, v in data["akamaster_resnet_error"].items()}
     lines = [
-        "| depth | plain (here) | ResNet (here) | ResNet (paper, Table 6) | ResNet (akamaster) | steps here |",
+        "| depth | plain (here) | ResNet (here) | ResNet (paper, Table 6) | ResNet (akamaster) "
+        "| steps here |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for d in depths:

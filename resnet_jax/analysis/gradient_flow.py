@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-log = logging.getLogger(__name__)
-
 from resnet_jax.analysis.probes import block_interceptor
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("plain", "resnet", "resnet_zero_init")
 

@@ -47,9 +47,7 @@ def degradation(
     fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4), squeeze=False, sharey=True)
     colors = _depth_colors({r["depth"] for r in runs.values()})
     for ax, fam in zip(axes[0], fams):
-        for name, run in sorted(
-            ((n, r) for n, r in runs.items() if r["family"] == fam), key=lambda item: item[1]["depth"]
-        ):
+        for run in sorted((r for r in runs.values() if r["family"] == fam), key=lambda r: r["depth"]):
             c = colors[run["depth"]]
             label = f"{'plain' if fam == 'plain' else 'ResNet'}-{run['depth']}"
             if run["train"]:

@@ -2,7 +2,8 @@
 
 Submodules are imported explicitly (``resnet_jax.data.cifar``, ``.download``,
 ``.augment``, ``.batching``, ``.constants``, the ``.imagenet`` package) so that
-importing this package stays cheap and never pulls in TensorFlow. This module owns only the error type shared by every data source.
+importing this package stays cheap and never pulls in TensorFlow. This module owns only the
+error type shared by every data source.
 """
 
 from resnet_jax.errors import UserError

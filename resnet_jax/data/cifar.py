@@ -63,7 +63,8 @@ class Layout:
                 )
         if sorted(self.label_columns.values()) != list(range(len(modes))):
             raise ValueError(
-                f"Layout {self.name}.label_columns: {dict(self.label_columns)}, want bytes 0..{len(modes) - 1}"
+                f"Layout {self.name}.label_columns: {dict(self.label_columns)}, "
+                f"want bytes 0..{len(modes) - 1}"
             )
         if set(self.records) != set(self.files) or tuple(self.archive.files) != self.files:
             raise ValueError(f"Layout {self.name}: records and archive.files must name exactly {self.files}")
@@ -204,8 +205,9 @@ HOW_TO_GET = CIFAR10.how_to_get()
 class CifarData:
     """CIFAR-10 or CIFAR-100 in host memory, NHWC uint8 images and int32 labels.
 
-    Labels are 0 <= label < num_classes = len(class_names). `test_*` is the official test set, or the held-out tail of the training set
-    when loaded with `validation_size > 0` (then `source` says so).
+    Labels are 0 <= label < num_classes = len(class_names). `test_*` is the official test set,
+    or the held-out tail of the training set when loaded with `validation_size > 0` (then
+    `source` says so).
     """
 
     train_images: np.ndarray

@@ -177,14 +177,16 @@ class ResNet(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: Array, train: bool = True) -> Array:
-        """Logits (float32; float64 on the float64 path) of images ``x`` (N, H, W, C); any H, W that survive the strides."""
+        """Logits (float32; float64 on the float64 path) of images ``x`` (N, H, W, C); any H, W
+        that survive the strides."""
         return self._forward(x, train, with_head=True)[1]
 
     def features(self, x: Array, train: bool = False) -> dict[str, Array]:
         """Backbone outputs without the head: {'stem', 'stage1', ..., 'stageN'}.
 
-        'stem' is the stem's output (conv, BN, ReLU) before the max-pool, at stride 2 for the ImageNet stem; stage i is at stride 2**(i+1) on
-        ImageNet (4, 8, 16, 32) and 2**(i-1) on CIFAR. Stage outputs of pre-activation nets
+        'stem' is the stem's output (conv, BN, ReLU) before the max-pool, at stride 2 for the
+        ImageNet stem; stage i is at stride 2**(i+1) on ImageNet (4, 8, 16, 32) and 2**(i-1)
+        on CIFAR. Stage outputs of pre-activation nets
         are the raw sums (the final BN-ReLU belongs to the head).
         """
         return self._forward(x, train, with_head=False)[0]

@@ -395,7 +395,8 @@ class Checkpointer:
                 continue
             if verdict == _UNVERIFIED:
                 self._warn(
-                    f"checkpoint step {step} in {self.directory} cannot be verified: {why}; restoring it anyway"
+                    f"checkpoint step {step} in {self.directory} cannot be verified: {why}; "
+                    "restoring it anyway"
                 )
             try:
                 state, metadata = self._restore_step(step, abstract)
