@@ -172,7 +172,8 @@ CIFAR100 = Layout(
     file_sha256={},
     tfds_label_keys={"fine": "label", "coarse": "coarse_label"},
 )
-DATASETS = (CIFAR10.name, CIFAR100.name)
+LAYOUTS = {layout.name: layout for layout in (CIFAR10, CIFAR100)}
+DATASETS = tuple(LAYOUTS)
 
 # The tables' entries under the names other modules and tests use.
 CIFAR10_ARCHIVE = CIFAR10.archive

@@ -17,3 +17,7 @@ EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
+
+# ILSVRC-2012 (the paper's ImageNet): training and validation images, for checking a config
+# against the full dataset without reading it.
+ILSVRC2012_SIZES = (1_281_167, 50_000)

@@ -17,6 +17,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import models
+from resnet_jax.data import cifar
+from resnet_jax.data.constants import ILSVRC2012_SIZES
 from resnet_jax.files import flatten_dict
 from resnet_jax.train import fields
 from resnet_jax.train.fields import ConfigError
@@ -80,10 +82,6 @@ def defaults(dataset_name: str | None = None) -> ml_collections.ConfigDict:
     if dataset_name is not None:
         c.dataset.name = dataset_name
     return c
-
-
-# Sizes of the full ILSVRC-2012 splits, used where a config is checked without its data.
-IMAGENET_SIZES = (1_281_167, 50_000)
 
 
 def check_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
@@ -183,8 +181,9 @@ def _dataset_sizes(flat: Mapping[str, Any], sizes: tuple[int, int] | None) -> tu
     if name in IMAGENET_DATASETS:
         if sizes is None and name == "image_folder":
             raise ValueError("validate(): an image folder's sizes must be given (count its files first)")
-        return tuple(sizes or IMAGENET_SIZES)
-    num_train = 50_000 - flat["dataset.validation_size"]
+        return tuple(sizes or ILSVRC2012_SIZES)
+    layout = cifar.LAYOUTS[name]
+    num_train = layout.num_train - flat["dataset.validation_size"]
     if flat["dataset.train_subset"]:
         if flat["dataset.train_subset"] > num_train:
             raise ConfigError(
@@ -192,7 +191,7 @@ def _dataset_sizes(flat: Mapping[str, Any], sizes: tuple[int, int] | None) -> tu
                 f"the {num_train} training images"
             )
         num_train = flat["dataset.train_subset"]
-    num_eval = flat["dataset.validation_size"] or 10_000
+    num_eval = flat["dataset.validation_size"] or layout.records[layout.test_file]
     if flat["dataset.eval_subset"]:
         if flat["dataset.eval_subset"] > num_eval:
             raise ConfigError(
