@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import cli_command
+from _cli import run_cli as _run_cli
 from _configs import ROOT
-from test_reliability import cli_command
 
 from resnet_jax import errors, parallel
 from resnet_jax.data import DataError
@@ -35,17 +36,7 @@ def env() -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    proc = subprocess.run(
-        args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    return proc.returncode, proc.stderr
+    return _run_cli(args, env, timeout)
 
 
 def assert_one_error_line(stderr: str) -> str:

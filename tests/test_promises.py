@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from _configs import ROOT, load_config, tiny_config
+from _cli import cli_command, config_flag, run_cli
+from _configs import ROOT, load_config
 from _imagenet import make_image_folder
 from _workdirs import final_arrays
 
@@ -30,27 +31,6 @@ from resnet_jax.train import optim
 from resnet_jax.train.metrics import read_metrics
 
 TIMEOUT_S = 300  # per command-line run: a hung run fails the test instead of CI
-
-
-def _flag(value: Any) -> str:
-    return str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def cifar_command(workdir: Path, cifar_dir: Path, **overrides: Any) -> list[str]:
-    """`python -m resnet_jax.main` with the --config.* flags that turn resnet8 into tiny_config."""
-    base = config_lib.flatten(load_config("resnet8").to_dict())
-    wanted = config_lib.flatten(tiny_config(cifar_dir, **overrides).to_dict())
-    flags = [f"--config.{k}={_flag(v)}" for k, v in sorted(wanted.items()) if base[k] != v]
-    return [
-        sys.executable,
-        "-m",
-        "resnet_jax.main",
-        "--config",
-        "configs/cifar10.py:resnet8",
-        "--workdir",
-        str(workdir),
-        *flags,
-    ]
 
 
 # ResNet-18 at 1/8 width on 32-px crops of a folder of 48 training JPEGs: 6 steps of 8 an epoch.
@@ -84,8 +64,12 @@ def imagenet_command(workdir: Path, folder: Path, recipe: str = "", **flags: Any
         f"configs/imagenet.py:resnet18{recipe}",
         "--workdir",
         str(workdir),
-        *(f"--config.{k}={_flag(v)}" for k, v in wanted.items()),
+        *(f"--config.{k}={config_flag(v)}" for k, v in wanted.items()),
     ]
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    return run_cli(cmd, env, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -97,20 +81,6 @@ def env(tmp_path_factory) -> dict[str, str]:
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-
-
-def run(cmd: list[str], env: dict[str, str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    return proc.returncode, proc.stderr
 
 
 def assert_same_arrays(a: Path, b: Path, step: int) -> None:
@@ -129,7 +99,7 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def cifar_reference(cifar_dir, tmp_path_factory, env) -> Path:
     """tiny_config through the command line, never interrupted."""
     workdir = tmp_path_factory.mktemp("cifar_reference") / "run"
-    rc, err = run(cifar_command(workdir, cifar_dir), env)
+    rc, err = run(cli_command(workdir, cifar_dir), env)
     assert rc == 0, err[-3000:]
     return workdir
 
@@ -192,7 +162,7 @@ def test_rerun_of_a_finished_run_without_its_final_evaluation_evaluates_again(
     ]
     (workdir / "metrics.jsonl").write_text("".join(lines))
 
-    rc, err = run(cifar_command(workdir, cifar_dir), env)
+    rc, err = run(cli_command(workdir, cifar_dir), env)
     assert rc == 0, err[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 16 and results["steps_this_run"] == 0 and results["resumed_from"] == 16
@@ -248,7 +218,7 @@ def test_full_disk_during_a_run_exits_2_and_keeps_the_earlier_checkpoints(
     cifar_reference, cifar_dir, tmp_path, env, what
 ):
     workdir = tmp_path / "run"
-    cmd = cifar_command(workdir, cifar_dir)
+    cmd = cli_command(workdir, cifar_dir)
     rc, err = run([sys.executable, "-c", _FULL_DISK, what, *cmd[cmd.index("--config") :]], env)
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -325,7 +295,7 @@ def test_imagenet_recipe_trains_from_the_command_line(recipe, folder, tmp_path, 
 
 def test_label_smoothing_trains_from_the_command_line(cifar_reference, cifar_dir, tmp_path, env):
     workdir = tmp_path / "run"
-    rc, err = run(cifar_command(workdir, cifar_dir) + ["--config.label_smoothing=0.1"], env)
+    rc, err = run(cli_command(workdir, cifar_dir) + ["--config.label_smoothing=0.1"], env)
     assert rc == 0, err[-3000:]
     assert json.loads((workdir / "config.json").read_text())["label_smoothing"] == 0.1
     smoothed = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
@@ -391,7 +361,7 @@ def test_killed_at_seeded_random_moments_then_rerun_ends_bit_identical(
     workdir = tmp_path / "killed"
     if path == "cifar":
         reference = request.getfixturevalue("cifar_reference")
-        cmd, log_steps, last = cifar_command(workdir, cifar_dir), [4, 8, 12, 16], 16
+        cmd, log_steps, last = cli_command(workdir, cifar_dir), [4, 8, 12, 16], 16
     else:
         reference = request.getfixturevalue("folder_reference")
         cmd, log_steps, last = (
@@ -434,7 +404,7 @@ def test_slurm_environment_starts_two_processes_that_train_together(cifar_dir, t
     port = _free_slurm_port(np.random.default_rng(0))
     job_id = 7 * 4096 + port - 61440
     workdir = tmp_path / "run"
-    cmd = cifar_command(
+    cmd = cli_command(
         workdir,
         cifar_dir,
         eval_batch_size=100,

@@ -14,16 +14,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 import pytest
-from _configs import ROOT, load_config, tiny_config
+from _cli import cli_command
+from _configs import ROOT, tiny_config
 from _workdirs import final_arrays
 
 from resnet_jax import files
-from resnet_jax.train import config as config_lib
 from resnet_jax.train import loop
 from resnet_jax.train import workdir as workdir_lib
 from resnet_jax.train.checkpoint import verify_files
@@ -31,27 +30,6 @@ from resnet_jax.train.metrics import read_metrics
 from resnet_jax.train.workdir import WorkdirError
 
 KILLED = -signal.SIGKILL
-
-
-def _flag_value(value: Any) -> str:
-    return str(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def cli_command(workdir: Path, cifar_dir: Path, **overrides: Any) -> list[str]:
-    """`python -m resnet_jax.main` with --config.* flags that turn resnet8 into tiny_config."""
-    base = config_lib.flatten(load_config("resnet8").to_dict())
-    wanted = config_lib.flatten(tiny_config(cifar_dir, **overrides).to_dict())
-    flags = [f"--config.{k}={_flag_value(v)}" for k, v in sorted(wanted.items()) if base[k] != v]
-    return [
-        sys.executable,
-        "-m",
-        "resnet_jax.main",
-        "--config",
-        "configs/cifar10.py:resnet8",
-        "--workdir",
-        str(workdir),
-        *flags,
-    ]
 
 
 @pytest.fixture(scope="module")
