@@ -18,6 +18,8 @@ The stops in the middle of a run (divergence: 3; SIGTERM: 143; Ctrl-C: 130) are
 from __future__ import annotations
 
 import errno
+import gc
+import warnings
 
 EXIT_USER_ERROR = 2
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: "temporary failure, the user is invited to retry"
@@ -119,3 +121,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """
     text = str(getattr(error, "message", error)).strip()
     return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+def silence_abandoned_work() -> None:
+    """Keeps an error message the last thing a failed command prints.
+
+    A library whose background save failed (orbax on a full disk) leaves coroutines that
+    were never awaited; Python warns about each when it frees them, which can be at
+    interpreter exit, after the `error:` line. Those warnings say nothing the user can act
+    on, so on the way out they are ignored and what is already unreachable is freed now.
+    """
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    gc.collect()

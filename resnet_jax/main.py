@@ -92,6 +92,7 @@ def main(argv: list[str]) -> None:
         status = report(e)
         if status is None:
             raise
+        errors.silence_abandoned_work()
         if status == errors.EXIT_TRANSIENT and _peers_may_be_gone():
             # A clean exit would wait in jax.distributed's shutdown barrier for the peer that
             # died, until the heartbeat timeout aborts this process (SIGABRT, minutes later),

@@ -141,6 +141,7 @@ def main(argv: list[str]) -> None:
         if status is None:
             raise
         print(f"error: {e}", file=sys.stderr)
+        errors.silence_abandoned_work()
         sys.exit(status)
     print(json.dumps(result, indent=1))
     output = _OUTPUT.value or (f"{_WORKDIR.value}/eval_{result['protocol']}.json" if _WORKDIR.value else None)
