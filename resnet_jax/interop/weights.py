@@ -169,12 +169,22 @@ def _model_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def restore_variables(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+def restore_variables(path: str | os.PathLike, ema: bool | None = None) -> tuple[dict[str, Any], int]:
     """(``{'params', 'batch_stats'}`` as numpy, step) of the newest checkpoint under ``path``.
 
+    ``ema``: which weights of a run trained with ``ema.decay`` (whose checkpoints also hold
+    the exponential moving average of the parameters and BN statistics): None takes the
+    averaged ones when the checkpoint has them, else the raw ones; True requires them
+    (ConversionError naming ``path`` when absent); False takes the raw ones.
     Read-only: nothing under ``path`` is created, moved or cleaned. The step is checked
     against its sha256 manifest when there is one.
     """
+    variables, step, _ = _restore(path, ema)
+    return variables, step
+
+
+def _restore(path: str | os.PathLike, ema: bool | None) -> tuple[dict[str, Any], int, bool]:
+    """restore_variables, and whether the EMA weights were the ones read."""
     from resnet_jax.train.checkpoint import CheckpointError, read_newest
 
     root = _checkpoint_root(Path(os.path.abspath(os.fspath(path))))
@@ -184,24 +194,43 @@ def restore_variables(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         raise ConversionError(str(e)) from None
     if "params" not in items:
         raise ConversionError(f"checkpoint step {step} under {root} has no params (items: {sorted(items)})")
-    variables = {"params": items["params"], "batch_stats": items.get("batch_stats") or {}}
-    return variables, step
+    use_ema = has_ema(items) and ema is not False
+    if ema and not use_ema:
+        raise ConversionError(
+            f"{path}: checkpoint step {step} under {root} holds no EMA weights (the run was trained "
+            "without ema.decay); leave out --ema / pass ema=False for its raw weights"
+        )
+    source = items["ema"] if use_ema else items
+    variables = {"params": source["params"], "batch_stats": source.get("batch_stats") or {}}
+    return variables, step, use_ema
+
+
+def has_ema(items: Mapping[str, Any]) -> bool:
+    """Whether checkpoint ``items`` hold the weights' exponential moving average."""
+    return isinstance(items.get("ema"), Mapping) and "params" in items["ema"]
 
 
 def load_variables(
-    path: str | os.PathLike, arch: str | None = None
+    path: str | os.PathLike, arch: str | None = None, ema: bool | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(variables as numpy, model record or None) from a weight file or a checkpoint dir."""
+    """(variables as numpy, model record or None) from a weight file or a checkpoint dir.
+
+    ``ema``: as for :func:`restore_variables`; a weight file holds one set of weights, so
+    ``ema=True`` is refused for it. The record of a checkpoint says which set was read
+    (``'weights': 'ema'`` or ``'raw'``).
+    """
     path = Path(path)
     if is_weight_file(path):
+        if ema:
+            raise ConversionError(f"{path} is a weight file, which holds no EMA weights; leave out --ema")
         _, variables, record = convert_file(path, arch)
         return variables, record
     if not path.is_dir():
         raise ConversionError(f"{path}: no such file or directory")
-    variables, step = restore_variables(path)
+    variables, step, used_ema = _restore(path, ema)
     record = _model_record(path)
     if record is not None:
-        record = {**record, "step": step}
+        record = {**record, "step": step, "weights": "ema" if used_ema else "raw"}
     return variables, record
 
 
