@@ -11,14 +11,16 @@ gives a Flax model and its weights in one call.
 __version__ = "0.1.0"
 
 
-def pretrained(path, name=None, **overrides):
-    """``model, variables = resnet_jax.pretrained('resnet50.pth')``: a Flax ResNet and its weights.
+def pretrained(path, name=None, *, weights=None, **overrides):
+    """``model, variables = resnet_jax.pretrained('resnet50', weights='IMAGENET1K_V2')``: a Flax
+    ResNet and its weights.
 
     ``path``: a torchvision/timm ``.pth``/``.safetensors`` file, a directory written by
-    ``python -m resnet_jax.convert`` or a training workdir; see
+    ``python -m resnet_jax.convert`` or a training workdir, or (no such path existing) a
+    torchvision model name whose published weights are fetched and cached; see
     :func:`resnet_jax.interop.weights.pretrained`. Imported lazily, so that importing the
     package does not load orbax (nor ever torch).
     """
     from resnet_jax.interop.weights import pretrained as _pretrained
 
-    return _pretrained(path, name, **overrides)
+    return _pretrained(path, name, weights=weights, **overrides)

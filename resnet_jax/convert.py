@@ -2,6 +2,7 @@ r"""Convert ResNet weights between torchvision/timm files and this project's che
 
   python -m resnet_jax.convert resnet50.pth runs/resnet50_tv      # .pth -> converted checkpoint
   python -m resnet_jax.convert runs/my_run resnet50_mine.pth      # workdir/checkpoint -> .pth
+  python -m resnet_jax.convert resnet50:IMAGENET1K_V2 runs/rn50    # torchvision's published weights
 
 The direction follows SRC: a ``.pth``/``.pt``/``.bin``/``.safetensors`` file is converted into
 a checkpoint directory DST (orbax, the trainer's layout, with ``pretrained.json`` recording the
@@ -10,7 +11,12 @@ training workdir is exported to the weight file DST, which torchvision/timm load
 ``strict=True``. ``--arch`` (resnet18/34/50/101/152, or timm:resnet26 ...) is detected from
 the file's keys when left out. .pth files are read without torch by a restricted unpickler
 (``resnet_jax.interop.pth``) that refuses pickles that carry code; writing a .pth needs torch.
-Exit status: 0 done; 2 the input does not fit (the message names the first key/file).
+A SRC that is no existing path but a model name (``resnet50``, ``resnet50:IMAGENET1K_V2``,
+``timm:resnet50.a1_in1k``) is looked up as ``resnet_jax.interop.hub`` says: torchvision's
+published file from the torch hub cache, else downloaded and checked against its hash.
+Exit status: 0 done; 2 the input does not fit (the message names the first key/file);
+75 the download failed (offline, cut short, wrong hash): rerun later, or fetch the file the
+message names by hand.
 """
 
 from __future__ import annotations
@@ -28,21 +34,31 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("src", help="weight file (.pth/.safetensors) or checkpoint dir / workdir")
+    parser.add_argument(
+        "src",
+        help="weight file (.pth/.safetensors), checkpoint dir / workdir, or a name (resnet50:IMAGENET1K_V2)",
+    )
     parser.add_argument("dst", help="checkpoint directory to create, or weight file to write")
     parser.add_argument(
         "--arch", default=None, help=f"architecture; default: detected. One of: {', '.join(layout.SUPPORTED)}"
     )
     args = parser.parse_args(argv)
+    from resnet_jax.interop import hub
     from resnet_jax.interop import weights as pt
 
     try:
-        if pt.is_weight_file(args.src):
+        src, arch = args.src, args.arch
+        if hub.is_model_name(src):
+            path, named = hub.fetch(src)
+            if arch is not None and layout.canonical_arch(arch) != layout.canonical_arch(named):
+                raise ConversionError(f"--arch {arch} contradicts the model name {src}; leave --arch out")
+            src, arch = str(path), named
+        if pt.is_weight_file(src):
             if pt.is_weight_file(args.dst):
                 raise ConversionError(
                     f"DST {args.dst} is a weight file; converting a weight file needs a directory as DST"
                 )
-            model, variables, record = pt.convert_file(args.src, args.arch)
+            model, variables, record = pt.convert_file(src, arch)
             dst = pt.save_converted(args.dst, variables, record)
             print(f"{args.src} ({record['arch']}, {model.num_classes} classes) -> {dst}")
         else:
@@ -58,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.src} ({arch}) -> {args.dst}")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     return 0
 
 

@@ -235,18 +235,32 @@ def load_variables(
 
 
 def pretrained(
-    path: str | os.PathLike, name: str | None = None, **overrides: Any
+    path: str | os.PathLike, name: str | None = None, *, weights: Any = None, **overrides: Any
 ) -> tuple[models.ResNet, dict[str, Any]]:
     """``model, variables = pretrained(path)``: a Flax model and its weights, ready to apply.
 
     ``path``: a torchvision/timm ``.pth`` / ``.safetensors`` file, a directory written by
-    ``python -m resnet_jax.convert``, or a training workdir. ``name``: the architecture
+    ``python -m resnet_jax.convert``, or a training workdir; or, when no such path exists, a
+    model name: ``'resnet50'`` with ``weights='IMAGENET1K_V2'`` (or ``'resnet50:IMAGENET1K_V2'``;
+    default torchvision's DEFAULT) fetches torchvision's published file through the torch hub
+    cache and caches it converted, ``'timm:resnet50.a1_in1k'`` finds a timm file already on
+    disk (see :mod:`resnet_jax.interop.hub`). ``name``: the architecture
     for a weight file ('resnet50', 'timm:resnet26'; default: detected from the keys) or the
     model name for a checkpoint without a record. ``overrides``: build_model fields that do
     not change the weights (``dtype='bfloat16'``, ...). Then
     ``model.apply(variables, images, train=False)`` gives logits and
     ``model.apply(variables, images, method='features')`` the backbone feature maps.
     """
+    from resnet_jax.interop import hub
+
+    if hub.is_model_name(path):
+        if name is not None:
+            raise ConversionError(f"{path!r} is a model name, which says the architecture; leave name= out")
+        path, name = hub.resolve(str(path), weights)
+    elif weights is not None:
+        raise ConversionError(
+            f"weights={weights!r} goes with a model name such as 'resnet50'; {path} is a path"
+        )
     path = Path(path)
     variables, record = load_variables(path, name if is_weight_file(path) else None)
     if record is None:
