@@ -5,11 +5,15 @@ and (where the paper has a table) a markdown table, into ``--out``.
   python -m resnet_jax.experiments layer-responses --workdirs runs/degradation --out docs/figures
   python -m resnet_jax.experiments gradient-flow --depths 20 32 44 56 110 --out docs/figures
   python -m resnet_jax.experiments table1 --out docs/figures
+  python -m resnet_jax.experiments seeds --config configs/cifar10.py:resnet110 --seeds 5 --workdir runs/r110
 
 ``degradation`` trains the paper's CIFAR recipe (configs/cifar10.py) for plain and residual
 nets of every depth given, one workdir per net; rerunning continues a killed sweep (finished
 nets are skipped, a half-trained one resumes). ``--steps N`` compresses the recipe to N steps
-for small machines. ``python -m resnet_jax.experiments COMMAND --help`` lists the options.
+for small machines. ``seeds`` trains one config under N seeds the same resumable way (a
+workdir per seed) and reports best (mean ± std) of each seed's final test error. Both take
+``--set FIELD=VALUE`` or ``--config.FIELD=VALUE`` for any other config field.
+``python -m resnet_jax.experiments COMMAND --help`` lists the options.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ def load_config_file(path: str | Path, arg: str):
     return module.get_config(arg)
 
 
-def _set_field(config: Any, dotted: str, text: str) -> None:
-    """``--set a.b=text``: a misspelt field or a value of the wrong type is a ConfigError naming it."""
+def _set_field(config: Any, dotted: str, text: str, flag: str = "--set ") -> None:
+    """``--set a.b=text`` (or ``--config.a.b=text``, ``flag`` says which): a misspelt field or a
+    value of the wrong type is a ConfigError naming it."""
     import difflib
 
     from resnet_jax.summary import parse_value
@@ -59,7 +64,7 @@ def _set_field(config: Any, dotted: str, text: str) -> None:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             raise ConfigError(
-                f"--set {dotted}={text}: no such config field {'.'.join(keys[: i + 1])!r}"
+                f"{flag}{dotted}={text}: no such config field {'.'.join(keys[: i + 1])!r}"
                 + (f"; did you mean {close[0]!r}?" if close else "")
             )
         if i < len(keys) - 1:
@@ -67,7 +72,7 @@ def _set_field(config: Any, dotted: str, text: str) -> None:
     try:
         node[keys[-1]] = parse_value(text)
     except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
-        raise ConfigError(f"--set {dotted}={text}: {e}") from None
+        raise ConfigError(f"{flag}{dotted}={text}: {e}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -77,41 +82,51 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def _recipe_config(args: argparse.Namespace, config_file: str | Path, config_arg: str | None, seed: int):
+    """One net's config as the sweeps' options say: the config file's ``get_config(arg)``,
+    compressed to ``--steps`` or at the full schedule with denser curves, the data options,
+    the seed, then ``--set`` and ``--config.`` overrides (misspelt ones are ConfigErrors)."""
+    from resnet_jax.analysis import degradation as deg
+
+    config = load_config_file(config_file, config_arg)
+    batch = args.batch or config.batch_size
+    if args.steps:
+        deg.Shortening(args.steps, batch, args.eval_every, args.log_every).apply(config)
+    else:
+        if batch != config.batch_size:  # the recipe's own rescaling of steps and lr
+            config = load_config_file(config_file, f"{config_arg},batch={batch}")
+        deg.full_schedule_cadence(config)
+        if args.eval_every or args.log_every:
+            deg.set_cadence(
+                config,
+                args.log_every or config.log_every_steps,
+                args.eval_every or config.eval_every_steps,
+                args.eval_every or config.checkpoint_every_steps,
+            )
+    config.seed = seed
+    config.tensorboard = False
+    config.dataset.train_subset = args.train_subset
+    config.dataset.eval_subset = args.eval_subset
+    if args.data_dir:
+        config.dataset.data_dir = args.data_dir
+        config.dataset.source = "binary"
+    for item in args.set:
+        field, _, value = item.partition("=")
+        _set_field(config, field, value)
+    for item in args.config_overrides:
+        field, _, value = item.partition("=")
+        _set_field(config, field, value, flag="--config.")
+    return config
+
+
 def _degradation(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import degradation as deg
     from resnet_jax.analysis import plots
 
     names = deg.net_names(args.depths, args.families)
-    shortening = (
-        deg.Shortening(args.steps, args.batch, args.eval_every, args.log_every) if args.steps else None
-    )
 
     def make_config(name: str):
-        config = load_config_file(args.config, name)
-        if shortening is not None:
-            shortening.apply(config)
-        else:
-            if args.batch != 128:
-                config = load_config_file(args.config, f"{name},batch={args.batch}")
-            deg.full_schedule_cadence(config)
-            if args.eval_every or args.log_every:
-                deg.set_cadence(
-                    config,
-                    args.log_every or config.log_every_steps,
-                    args.eval_every or config.eval_every_steps,
-                    args.eval_every or config.checkpoint_every_steps,
-                )
-        config.seed = args.seed
-        config.tensorboard = False
-        config.dataset.train_subset = args.train_subset
-        config.dataset.eval_subset = args.eval_subset
-        if args.data_dir:
-            config.dataset.data_dir = args.data_dir
-            config.dataset.source = "binary"
-        for item in args.set:
-            field, _, value = item.partition("=")
-            _set_field(config, field, value)
-        return config
+        return _recipe_config(args, args.config, name, args.seed)
 
     if not args.plot_only:
         for name in names:  # every --config/--set mistake before the first net trains
@@ -134,6 +149,50 @@ def _degradation(args: argparse.Namespace) -> int:
     if "plain20" in data["runs"] and "plain56" in data["runs"]:
         plots.degradation_fig1(data, out / "degradation_fig1.png", title=title)
     print(deg.markdown_table(data))
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from resnet_jax.analysis import degradation as deg
+    from resnet_jax.analysis import plots
+    from resnet_jax.analysis import seeds as seeds_lib
+    from resnet_jax.train.config import ConfigError
+
+    config_file, colon, config_arg = args.config.rpartition(":")
+    if not colon or not config_file or not config_arg:
+        raise ConfigError(
+            f"--config {args.config}: give the config file and its argument as PATH:ARG, "
+            "e.g. configs/cifar10.py:resnet110"
+        )
+    for flag, items in (("--set ", args.set), ("--config.", args.config_overrides)):
+        if any(item.partition("=")[0] == "seed" for item in items):
+            raise ConfigError(f"{flag}seed: the seed of each run is set by --seeds and --first-seed")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    names = seeds_lib.seed_names(seeds)
+
+    def make_config(name: str):
+        return _recipe_config(args, config_file, config_arg, int(name.removeprefix("seed")))
+
+    first = make_config(names[0])  # every --config/--set mistake before the first seed trains
+    if not args.plot_only:
+        trained = deg.run_sweep(names, args.workdir, make_config)
+        logging.info("trained %s", trained or "nothing (every seed was done)")
+    data = seeds_lib.collect(args.workdir, seeds, first.to_dict())
+    data["config"] = args.config
+    data["command"] = (
+        " ".join(["python -m resnet_jax.experiments"] + sys.argv[1:]) if args.record_command else None
+    )
+    out = Path(args.out)
+    table = seeds_lib.markdown_table(data)
+    _write_json(out / "seeds.json", data)
+    (out / "seeds.md").write_text(table)
+    steps = f"{args.steps} steps" if args.steps else "paper schedule"
+    title = (
+        f"{data['model']} on {data['dataset']}, {steps}, {len(seeds)} seeds; final {data['eval_split']} "
+        f"error best (mean ± std): {seeds_lib.best_mean_std(data['summary'])} %"
+    )
+    plots.seed_curves(data, out / "seeds.png", title=title)
+    print(table)
     return 0
 
 
@@ -257,8 +316,69 @@ def _table1(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """``--seeds``: a whole number >= 1 (argparse's error names the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seeds (an integer >= 1; 2 or more for a std)"
+        )
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one ``error:`` line and status 2, as every mistake of the command lines."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (--help lists the options)\n")
+
+
+def _sweep_options(d: argparse.ArgumentParser, batch_default: int | None) -> None:
+    """The options the degradation and seeds sweeps share (_recipe_config reads them)."""
+    d.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="compress the paper's 64k-step schedule to this many steps (small machines)",
+    )
+    d.add_argument(
+        "--batch",
+        type=int,
+        default=batch_default,
+        help="batch size (lr by the linear scaling rule)"
+        + ("" if batch_default else "; default: the config's"),
+    )
+    d.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations")
+    d.add_argument("--log-every", type=int, default=None, help="steps between training-error records")
+    d.add_argument("--train-subset", type=int, default=0, help="train on the first k images only (0: all)")
+    d.add_argument("--eval-subset", type=int, default=0, help="evaluate on the first k test images (0: all)")
+    d.add_argument("--data-dir", default=None, help="CIFAR-10 binary files (else $CIFAR10_DIR or tfds)")
+    d.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other config field, e.g. --set model.dtype=bfloat16 (or --config.model.dtype=bfloat16)",
+    )
+    d.add_argument("--plot-only", action="store_true", help="redraw from the workdirs without training")
+    d.add_argument("--no-record-command", dest="record_command", action="store_false", help=argparse.SUPPRESS)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m resnet_jax.experiments",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -275,29 +395,35 @@ def _parser() -> argparse.ArgumentParser:
         default=str(_PACKAGED_CONFIG),
         help="the CIFAR config file (get_config(name)); default: the package's CIFAR-10 recipe",
     )
-    d.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="compress the paper's 64k-step schedule to this many steps (small machines)",
-    )
-    d.add_argument("--batch", type=int, default=128, help="batch size (lr by the linear scaling rule)")
-    d.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations")
-    d.add_argument("--log-every", type=int, default=None, help="steps between training-error records")
-    d.add_argument("--train-subset", type=int, default=0, help="train on the first k images only (0: all)")
-    d.add_argument("--eval-subset", type=int, default=0, help="evaluate on the first k test images (0: all)")
-    d.add_argument("--data-dir", default=None, help="CIFAR-10 binary files (else $CIFAR10_DIR or tfds)")
+    _sweep_options(d, batch_default=128)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="any other config field, e.g. --set model.dtype=bfloat16",
-    )
-    d.add_argument("--plot-only", action="store_true", help="redraw from the workdirs without training")
-    d.add_argument("--no-record-command", dest="record_command", action="store_false", help=argparse.SUPPRESS)
     d.set_defaults(func=_degradation)
+
+    n = sub.add_parser(
+        "seeds",
+        help="one config under N seeds: best (mean ± std) of the final test error, per-seed curves",
+        description="Trains one config under seeds first-seed .. first-seed+N-1 (a workdir per seed, "
+        "resumable) and reports best (mean ± std, sample std) of each seed's FINAL test error beside "
+        "the paper's figure, with per-seed curves. No step is selected on the test set.",
+    )
+    n.add_argument(
+        "--config",
+        required=True,
+        metavar="PATH:ARG",
+        help="config file and its argument, as resnet_jax.main takes it: configs/cifar10.py:resnet110",
+    )
+    n.add_argument("--seeds", type=_count, required=True, metavar="N", help="how many seeds (>= 2 for a std)")
+    n.add_argument(
+        "--first-seed", type=_nonnegative, default=0, help="seeds are first-seed .. first-seed+N-1"
+    )
+    n.add_argument(
+        "--workdir", required=True, help="one workdir per seed (seed0, seed1, ...) under this folder"
+    )
+    n.add_argument(
+        "--out", default=None, help="where seeds.md, seeds.json and seeds.png go (default: --workdir)"
+    )
+    _sweep_options(n, batch_default=None)
+    n.set_defaults(func=_seeds)
 
     r = sub.add_parser("layer-responses", help="std of every 3x3 layer response (Fig. 7)")
     r.add_argument(
@@ -337,8 +463,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "degradation" and args.out is None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --config.FIELD=VALUE, as python -m resnet_jax.main takes overrides (argparse cannot
+    # declare a family of options): taken out here, applied like --set.
+    overrides = [a.removeprefix("--config.") for a in argv if a.startswith("--config.")]
+    parser = _parser()
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    args.config_overrides = overrides
+    for item in overrides:
+        if "=" not in item:
+            parser.error(f"--config.{item}: an override is --config.FIELD=VALUE")
+    if overrides and not hasattr(args, "set"):
+        parser.error(f"{args.command} takes no config overrides (--config.{overrides[0]})")
+    if args.command in ("degradation", "seeds") and args.out is None:
         args.out = args.workdir
     if args.command == "table1" and args.nets is None:
         from resnet_jax.analysis.table1 import IMAGENET_NETS

@@ -128,6 +128,8 @@ def run_sweep(
 
         train_fn = train_and_evaluate
     root = Path(root)
+    for name in names:  # before anything trains: a table must not mix two experiments
+        check_finished_config(root / name, make_config(name))
     trained = []
     for name in names:
         workdir = root / name
@@ -140,45 +142,74 @@ def run_sweep(
     return trained
 
 
+def read_run(workdir: str | Path) -> dict[str, Any] | None:
+    """One trained workdir's curves, final and lowest evaluation errors and settings, from
+    its ``metrics.jsonl``, ``results.json`` and ``config.json``; None before it has metrics.
+    ``finished`` is whether results.json exists (the trainer writes it last)."""
+    workdir = Path(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return None
+    records = read_metrics(metrics_path)
+    eval_split = "validation" if any(r["split"] == "validation" for r in records) else "test"
+    results_path = workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}
+    return {
+        "train": [[r["step"], r["error"]] for r in records if r["split"] == "train"],
+        "test": [[r["step"], r["error"]] for r in records if r["split"] == eval_split],
+        "eval_split": eval_split,
+        "finished": results is not None,
+        "final_error": results["final_error"] if results else None,
+        "best_error": results["best_error"] if results else None,
+        "steps": results["steps"] if results else None,
+        "wall_clock_s": results["wall_clock_s"] if results else None,
+        # The host name stays in the workdir; the figures' JSON goes into the repository.
+        "hardware": (
+            {k: v for k, v in results["hardware"].items() if k != "host"}
+            if results and results.get("hardware")
+            else None
+        ),
+        "seed": config.get("seed"),
+        "batch_size": config.get("batch_size"),
+        "train_subset": config.get("dataset", {}).get("train_subset"),
+        "eval_subset": config.get("dataset", {}).get("eval_subset"),
+    }
+
+
+def check_finished_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses a finished run (results.json) whose config.json differs from ``config`` in a
+    field that changes results: skipping it would put another experiment's number in the
+    table. (An unfinished run is checked by the trainer when it resumes.)"""
+    stored_path = workdir / "config.json"
+    if not (workdir / "results.json").is_file() or not stored_path.is_file():
+        return
+    from resnet_jax.files import to_json_compatible
+    from resnet_jax.train import config as config_lib
+    from resnet_jax.train.workdir import WorkdirError, config_differences
+
+    diffs = config_differences(
+        json.loads(stored_path.read_text()),
+        to_json_compatible(config.to_dict()),  # as the trainer stored it
+        ignore_keys=set(config_lib.RESUMABLE_CHANGES),
+        added_defaults=config_lib.defaults(config.dataset.name).to_dict(),
+    )
+    if diffs:
+        listed = "; ".join(f"{k}: {json.dumps(a)} there, {json.dumps(b)} now" for k, (a, b) in diffs.items())
+        raise WorkdirError(
+            f"{workdir} holds a finished run of a different config ({listed}); use another --workdir, "
+            "or the options that run trained with"
+        )
+
+
 def collect(names: Sequence[str], root: str | Path) -> dict[str, Any]:
     """Curves and final errors of the nets that have a workdir under ``root``."""
-    root = Path(root)
     runs: dict[str, Any] = {}
     for name in names:
         family, depth = parse_name(name)
-        workdir = root / name
-        metrics_path = workdir / "metrics.jsonl"
-        if not metrics_path.is_file():
-            continue
-        records = read_metrics(metrics_path)
-        eval_split = "validation" if any(r["split"] == "validation" for r in records) else "test"
-        results_path = workdir / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else None
-        config = (
-            json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").is_file() else {}
-        )
-        runs[name] = {
-            "family": family,
-            "depth": depth,
-            "train": [[r["step"], r["error"]] for r in records if r["split"] == "train"],
-            "test": [[r["step"], r["error"]] for r in records if r["split"] == eval_split],
-            "eval_split": eval_split,
-            "finished": results is not None,
-            "final_error": results["final_error"] if results else None,
-            "best_error": results["best_error"] if results else None,
-            "steps": results["steps"] if results else None,
-            "wall_clock_s": results["wall_clock_s"] if results else None,
-            # The host name stays in the workdir; the figures' JSON goes into the repository.
-            "hardware": (
-                {k: v for k, v in results["hardware"].items() if k != "host"}
-                if results and results.get("hardware")
-                else None
-            ),
-            "seed": config.get("seed"),
-            "batch_size": config.get("batch_size"),
-            "train_subset": config.get("dataset", {}).get("train_subset"),
-            "eval_subset": config.get("dataset", {}).get("eval_subset"),
-        }
+        run = read_run(Path(root) / name)
+        if run is not None:
+            runs[name] = {"family": family, "depth": depth, **run}
     return {
         "runs": runs,
         "paper_resnet_error": PAPER_RESNET_ERROR,

@@ -152,3 +152,42 @@ def gradient_flow(data: Mapping[str, Any], path: str | Path, title: str | None =
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def seed_curves(data: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """Error (%) against iterations, one colour per seed: thin lines training error, bold
+    lines the evaluation error whose last point is the seed's reported figure (a dot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, run in enumerate(sorted(data["runs"].values(), key=lambda r: r["seed"])):
+        c = cmap(i % 10)
+        if run["train"]:
+            s, e = zip(*run["train"])
+            ax.plot(s, [100 * v for v in e], color=c, lw=0.8, alpha=0.7)
+        if run["test"]:
+            s, e = zip(*run["test"])
+            final = f"final {100 * run['final_error']:.2f}%" if run["finished"] else "unfinished"
+            ax.plot(s, [100 * v for v in e], color=c, lw=2.0, label=f"seed {run['seed']} ({final})")
+            if run["finished"]:
+                ax.plot([s[-1]], [100 * e[-1]], "o", color=c, ms=5)
+    paper = data.get("paper")
+    summary = data["summary"]
+    if paper and paper.get("mean") is not None and summary["n"]:
+        finished = [r for r in data["runs"].values() if r["finished"]]
+        full = {r["steps"] * (r["batch_size"] or 0) for r in finished} == {
+            paper["steps"] * paper["batch_size"]
+        }
+        if full:  # only beside runs of the paper's length: otherwise it says nothing
+            ax.axhspan(paper["mean"] - paper["std"], paper["mean"] + paper["std"], color="grey", alpha=0.25)
+            ax.axhline(
+                paper["mean"], color="grey", ls="--", lw=1, label=f"paper mean ± std ({paper['source']})"
+            )
+    split = data.get("eval_split", "test")
+    ax.set_xlabel("iterations")
+    ax.set_ylabel(f"error (%)  (thin: training, bold: {split})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
