@@ -184,6 +184,18 @@ def test_resnet110_table_sits_beside_the_papers_figure(tmp_path):
     assert seeds.paper_figure("cifar_resnet110", "cifar100") is None
 
 
+def test_unfinished_seeds_stay_out_of_the_statistics(tmp_path):
+    _write_fake_seed(tmp_path / "seed0", 0, 0.0700)
+    _write_fake_seed(tmp_path / "seed1", 1, 0.0660)
+    _write_fake_seed(tmp_path / "seed2", 2, 0.0500)
+    (tmp_path / "seed2" / "results.json").unlink()  # killed: metrics but no results
+    argv = ["seeds", "--config", f"{CIFAR_CONFIG}:resnet110", "--seeds", "4", "--workdir", str(tmp_path)]
+    assert experiments.main([*argv, "--plot-only", "--no-record-command"]) == 0
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| cifar_resnet110 | 2 of 4 | 64000 | 6.60 (6.80 ± 0.28) | 6.43 (6.61 ± 0.16) |" in md, md
+    assert "| 2 | unfinished | - | - |" in md and "| 3 | not started | - | - |" in md
+
+
 def test_statistics_of_one_seed_has_no_spread():
     s = seeds.statistics([0.25])
     assert (s["best"], s["mean"], s["std"]) == (0.25, 0.25, None)
