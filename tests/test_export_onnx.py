@@ -20,7 +20,7 @@ and the head's pooling and 2048-term product add ~3e-6. onnxruntime folds BatchN
 convolution weights and sums in another order, which changes the individual roundings but not
 their size. So 1e-4 leaves a factor of about 3 over the expected accumulation error, while any
 real conversion mistake moves the logits by a sizeable fraction of their scale. The measured
-differences are near 1e-6 of the scale (docs/pretrained.md).
+differences are below 1e-6 of the scale (docs/pretrained.md).
 """
 
 from __future__ import annotations
