@@ -9,6 +9,7 @@ from _configs import tiny_config
 from _workdirs import final_arrays
 
 from resnet_jax.data import augment, cifar
+from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, loop
 from resnet_jax.train.checkpoint import Checkpointer
@@ -105,6 +106,22 @@ def test_padded_eval_batches_count_each_test_image_once(trained, cifar_dir):
     assert abs(record["error"] * 500 - wrong) <= 1
     assert abs(record["loss"] - loss) < 1e-4 * loss
     assert results["final_error"] == record["error"]
+
+
+def test_the_run_records_its_input_normalisation_with_its_checkpoints(trained, cifar_dir):
+    """The per-pixel mean computed from the training images at start-up is stored with the
+    checkpoints, so evaluating, converting or exporting the run needs no training data."""
+    workdir, _ = trained
+    raw = np.fromfile(cifar_dir / "data_batch_1.bin", np.uint8, count=2048 * 3073).reshape(2048, 3073)
+    pixels = raw[:, 1:].reshape(2048, 3, 32, 32).transpose(0, 2, 3, 1)  # the 2,048 images trained on
+    mean = pixels.astype(np.float64).mean(axis=0) / 255.0
+    stored = json.loads((workdir / "checkpoints" / "normalization.json").read_text())
+    assert stored["mode"] == "pixel_mean" and stored["layout"] == "NHWC"
+    assert stored["image_size"] == [32, 32] and stored["value_range"] == [0, 1] and stored["std"] == [1, 1, 1]
+    # Stored as float32 (its shortest decimal): the float64 mean rounded, give or take a tie.
+    np.testing.assert_array_max_ulp(np.asarray(stored["mean"], np.float32), mean.astype(np.float32), maxulp=1)
+    _, record = weights.load_variables(workdir)
+    assert record["normalization"] == stored
 
 
 def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatch):

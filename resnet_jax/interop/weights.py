@@ -2,14 +2,16 @@
 
 A converted checkpoint is a directory laid out like a training workdir::
 
-    DST/pretrained.json        {'format', 'model', 'model_overrides', 'arch', 'source'}
+    DST/pretrained.json        {'format', 'model', 'model_overrides', 'arch', 'source',
+                                'normalization' (the input it expects: resnet_jax.data.normalization)}
     DST/checkpoints/0/         orbax, written by resnet_jax.train.checkpoint.Checkpointer:
                                item 'state' = {'step', 'params', 'batch_stats'} (no opt_state)
     DST/checkpoints/manifests/0.json   sha256 of every file, as for training checkpoints
 
 so one reader (:func:`load_variables`) serves converted checkpoints and training workdirs
-(whose model comes from ``config.json``) alike; ``.pth`` / ``.safetensors`` files are
-converted on the fly.
+(whose model comes from ``config.json``, its normalisation from
+``checkpoints/normalization.json``) alike; ``.pth`` / ``.safetensors`` files are converted
+on the fly.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.data import DataError, normalization
 from resnet_jax.files import flatten_dict, unflatten_dict
 from resnet_jax.interop import layout
 from resnet_jax.interop.layout import ConversionError
@@ -98,6 +101,8 @@ def convert_file(
         "model_overrides": _overrides(model),
         "arch": layout.canonical_arch(arch),
         "source": {"file": path.name, "sha256": _sha256(path), "read": note},
+        # torchvision's and timm's ResNets were trained on ImageNet's mean/std-normalised inputs
+        "normalization": normalization.imagenet(),
     }
     return model, variables, record
 
@@ -159,14 +164,29 @@ def _model_record(path: Path) -> dict[str, Any] | None:
     for directory in (path, path.parent):
         meta = directory / META_FILE
         if meta.is_file():
-            return json.loads(meta.read_text(encoding="utf-8"))
+            return _with_normalization(json.loads(meta.read_text(encoding="utf-8")), path)
         config = directory / "config.json"
         if config.is_file():
             model_cfg = dict(json.loads(config.read_text(encoding="utf-8")).get("model", {}))
             name = model_cfg.pop("name", None)
             overrides = {k: v for k, v in model_cfg.items() if v is not None}
-            return {"model": name, "model_overrides": overrides, "source": {"workdir": str(directory)}}
+            record = {"model": name, "model_overrides": overrides, "source": {"workdir": str(directory)}}
+            return _with_normalization(record, path)
     return None
+
+
+def _with_normalization(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``record`` with the input normalisation that training wrote into the checkpoint
+    directory (resnet_jax.data.normalization), unless the record states one already."""
+    if record.get("normalization") is None:
+        for directory in (path / "checkpoints", path):
+            try:
+                found = normalization.load(directory)
+            except DataError as e:
+                raise ConversionError(str(e)) from None
+            if found is not None:
+                return {**record, "normalization": found}
+    return record
 
 
 def restore_variables(path: str | os.PathLike, ema: bool | None = None) -> tuple[dict[str, Any], int]:

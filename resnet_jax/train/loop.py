@@ -38,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax import files, models, parallel
+from resnet_jax.data import normalization
 from resnet_jax.errors import ResNetJaxError, UserError
 from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
@@ -250,6 +251,8 @@ class _Run:
         self.state = init_state()
         self.num_params = models.count_params(self.state.params)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+        if self.main:  # evaluating or exporting the run must not need its training data
+            normalization.save(self.checkpointer.directory, self.source.normalization)
         restored = self.checkpointer.restore_latest(abstract_items(self.state))
         self.start_step = self.step = 0
         # Per-step train loss and error since the last train record: saved with each

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax import parallel
-from resnet_jax.data import batching, cifar
+from resnet_jax.data import batching, cifar, normalization
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding
 from resnet_jax.train.state import TrainState
@@ -53,6 +53,8 @@ class DatasetInfo:
 
 class DataSource(Protocol):
     info: DatasetInfo
+    # What the model's inputs go through (data/normalization.py), recorded with the checkpoints.
+    normalization: dict[str, Any]
 
     def compile(self, state: TrainState, step: int, n: int) -> float: ...
 
@@ -118,6 +120,14 @@ class CifarSource:
         self.info = info
         data = cifar.load_cifar(d.name, d.source, d.data_dir, d.validation_size, label_mode=d.label_mode)
         self.data = feeding.put_on_devices(data, mesh, d.normalization, d.train_subset, d.eval_subset)
+        self.normalization = normalization.record(
+            d.normalization,
+            self.data.mean.addressable_data(0),  # replicated: any device's copy is the whole
+            self.data.std.addressable_data(0),
+            image_size=info.image_shape[:2],
+            value_range=(0, 1),
+            source=f"the first {self.data.train.size} training images of {d.name}",
+        )
         self._seed = config.seed
         self._batch = config.batch_size
         self._chunk = feeding.TrainChunk(train_step, mesh, seed=config.seed, pad=d.pad, flip=d.flip)
@@ -181,6 +191,7 @@ class ImageNetSource:
         self._mesh = mesh
         self._spec = imagenet_spec(d)
         self._dataset = d
+        self.normalization = normalization.imagenet(d.image_size, d.eval_resize)
         self._seed = config.seed
         self._batch = config.batch_size
         self._eval_batch = config.eval_batch_size
