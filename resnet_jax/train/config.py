@@ -133,11 +133,7 @@ def validate(
                 f"of the mesh; use a multiple of {num_devices}"
             )
     ghost = flat["model.ghost_batch_size"]
-    if ghost is not None and (batch // num_devices) % ghost:
-        raise ConfigError(
-            f"config field model.ghost_batch_size = {ghost} must divide the per-device batch "
-            f"{batch // num_devices} (batch_size {batch} over {num_devices} devices)"
-        )
+    _check_accumulation(batch, flat.get("accumulate_steps", 1), ghost, num_devices)
 
     num_train, num_eval = _dataset_sizes(flat, sizes)
     if num_train < batch:
@@ -169,6 +165,31 @@ def validate(
         )
 
     return derived
+
+
+def _check_accumulation(batch: int, k: int, ghost: int | None, num_devices: int) -> None:
+    """Gradient accumulation: batch_size splits into k micro-batches, each spread evenly over
+    the devices, and ghost BN groups tile each device's share of a micro-batch."""
+    if ghost is not None and (batch // num_devices) % ghost:
+        raise ConfigError(
+            f"config field model.ghost_batch_size = {ghost} must divide the per-device batch "
+            f"{batch // num_devices} (batch_size {batch} over {num_devices} devices)"
+        )
+
+    def fits(j: int) -> bool:
+        share = batch // j // num_devices  # one device's examples of one micro-batch
+        return not batch % j and not (batch // j) % num_devices and not (ghost and share % ghost)
+
+    if fits(k):
+        return
+    allowed = [j for j in range(1, batch + 1) if fits(j)]  # never empty: 1 fits after the checks above
+    ghost_words = (
+        "" if ghost is None else f", each device's share a multiple of model.ghost_batch_size = {ghost}"
+    )
+    raise ConfigError(
+        f"config field accumulate_steps = {k} must split batch_size = {batch} into {k} equal micro-batches "
+        f"that divide by the {num_devices} devices{ghost_words}; allowed here: {allowed}"
+    )
 
 
 def dataset_sizes(config: ml_collections.ConfigDict | Mapping[str, Any]) -> tuple[int, int]:

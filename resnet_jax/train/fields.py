@@ -166,6 +166,12 @@ COMMON: dict[str, Field] = {
         "N: the model resizes its input images to NxN; None: as they come",
     ),
     "batch_size": Field(128, integer(1, MAX_BATCH), "the global training batch, over all devices and hosts"),
+    "accumulate_steps": Field(
+        1,
+        integer(1, MAX_BATCH),
+        "k > 1: each update averages the gradients of k micro-batches of batch_size / k, run one "
+        "after another (less memory); BN statistics are then per micro-batch; the paper: 1",
+    ),
     "eval_batch_size": Field(500, integer(1, MAX_BATCH), "the global evaluation batch", resumable=True),
     "reference_batch_size": Field(
         128,
