@@ -5,7 +5,7 @@ Layers, bottom to top (a module may import its own layer and those below):
   1  models, data, parallel, console  (the network, the input pipelines, devices, logging)
   2  train, summary                   (the trainer; summaries of models)
   3  interop, analysis, configs       (weight files; the paper's analyses; the recipes)
-  4  main, convert, experiments       (command lines: they wire what lower layers must not import)
+  4  main, convert, export, experiments (command lines: they wire what lower layers must not import)
 Read from the source with `ast`, lazy imports inside functions included.
 """
 
@@ -30,6 +30,7 @@ LAYERS = {
     "configs": 3,
     "main": 4,
     "convert": 4,
+    "export": 4,
     "experiments": 4,
 }
 
