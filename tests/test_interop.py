@@ -182,6 +182,12 @@ def test_cli_pth_to_checkpoint_and_back(r18, images, tmp_path, capsys):
     record = json.loads((tmp_path / "conv" / "pretrained.json").read_text())
     assert record["model"] == "resnet18" and record["arch"] == "torchvision:resnet18"
     assert record["source"]["file"] == "resnet18.pth" and len(record["source"]["sha256"]) == 64
+    # torchvision's weights expect ImageNet's per-channel mean and std (0..255 units), as recorded
+    norm = record["normalization"]
+    assert (
+        norm["mode"] == "channel_std" and norm["value_range"] == [0, 255] and norm["image_size"] == [224, 224]
+    )
+    assert norm["mean"] == [123.675, 116.28, 103.53] and norm["std"] == [58.395, 57.12, 57.375]
     model, variables = resnet_jax.pretrained(tmp_path / "conv")  # the documented one-liner
     assert_close(np.asarray(model.apply(variables, images, train=False)), torch_logits(net, images))
     assert convert.main([str(tmp_path / "conv"), str(tmp_path / "back.pth")]) == 0
