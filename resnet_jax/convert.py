@@ -8,7 +8,8 @@ The direction follows SRC: a ``.pth``/``.pt``/``.bin``/``.safetensors`` file is 
 a checkpoint directory DST (orbax, the trainer's layout, with ``pretrained.json`` recording the
 model name, overrides and the source file's name and sha256); a converted checkpoint or a
 training workdir is exported to the weight file DST, which torchvision/timm load with
-``strict=True``. ``--arch`` (resnet18/34/50/101/152, or timm:resnet26 ...) is detected from
+``strict=True``: its raw weights, or with ``--ema`` the moving average a run with ``ema.decay``
+keeps. ``--arch`` (resnet18/34/50/101/152, or timm:resnet26 ...) is detected from
 the file's keys when left out. .pth files are read without torch by a restricted unpickler
 (``resnet_jax.interop.pth``) that refuses pickles that carry code; writing a .pth needs torch.
 A SRC that is no existing path but a model name (``resnet50``, ``resnet50:IMAGENET1K_V2``,
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch", default=None, help=f"architecture; default: detected. One of: {', '.join(layout.SUPPORTED)}"
     )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="export the exponential moving average of the weights that a run with ema.decay keeps "
+        "(an error when the checkpoint has none); default: the raw weights",
+    )
     args = parser.parse_args(argv)
     from resnet_jax.interop import hub
     from resnet_jax.interop import weights as pt
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConversionError(
                     f"DST {args.dst} is a weight file; converting a weight file needs a directory as DST"
                 )
+            if args.ema:
+                raise ConversionError(f"--ema: {args.src} is a weight file, which holds one set of weights")
             model, variables, record = pt.convert_file(src, arch)
             dst = pt.save_converted(args.dst, variables, record)
             print(f"{args.src} ({record['arch']}, {model.num_classes} classes) -> {dst}")
@@ -67,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"DST {args.dst} must end in one of {pt.WEIGHT_SUFFIXES} "
                     "when SRC is a checkpoint directory"
                 )
-            state_dict, arch = pt.export_state_dict(args.src, args.arch)
+            state_dict, arch = pt.export_state_dict(args.src, args.arch, ema=args.ema)
             from resnet_jax.interop.torch_files import save_state_dict
 
             save_state_dict(state_dict, args.dst)
-            print(f"{args.src} ({arch}) -> {args.dst}")
+            print(f"{args.src} ({arch}{', EMA weights' if args.ema else ''}) -> {args.dst}")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status

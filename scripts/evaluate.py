@@ -47,6 +47,12 @@ _PROTOCOL = flags.DEFINE_enum(
     "ImageNet test protocol (default: the config's dataset.eval_protocol).",
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result.")
+_EMA = flags.DEFINE_bool(
+    "ema",
+    False,
+    "Evaluate the exponential moving average of the weights that a run with ema.decay keeps "
+    "(an error when the checkpoint has none); default: the raw weights.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -75,12 +81,12 @@ def model_name() -> str:
     return _CONFIG.value.model.name
 
 
-def evaluate(config, path: str) -> dict:
+def evaluate(config, path: str, ema: bool = False) -> dict:
     mesh = parallel.make_mesh()
     plan = make_plan(config, mesh.devices.size, train=False)  # the training data need not be there
     info, model = plan.info, plan.model
     try:
-        variables, _ = weights.load_variables(path)
+        variables, _ = weights.load_variables(path, ema=ema)
     except weights.ConversionError as e:
         raise config_lib.ConfigError(str(e)) from None
     _check_fits(variables, model, info.image_shape, path)
@@ -111,6 +117,7 @@ def evaluate(config, path: str) -> dict:
     return {
         "model": config.model.name,
         "weights": str(path),
+        "ema": ema,
         "dataset": config.dataset.name,
         "split": info.eval_split,
         "protocol": protocol,
@@ -135,7 +142,7 @@ def main(argv: list[str]) -> None:
         config.dataset.eval_protocol = _PROTOCOL.value
     path = _WORKDIR.value or _CHECKPOINT.value
     try:
-        result = evaluate(config, path)
+        result = evaluate(config, path, ema=_EMA.value)
     except Exception as e:  # mapped by family (resnet_jax.errors); a bug goes on
         status = errors.exit_status(e)
         if status is None:

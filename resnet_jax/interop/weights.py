@@ -394,15 +394,18 @@ def load_for_init(path: str, target_variables: Mapping[str, Any], model: models.
     return init_variables_from(path, target_variables, log=log.info, model=model)
 
 
-def export_state_dict(path: str | os.PathLike, arch: str | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """(torch state dict as numpy, arch) of a converted checkpoint or training workdir.
+def export_state_dict(
+    path: str | os.PathLike, arch: str | None = None, ema: bool | None = False
+) -> tuple[dict[str, np.ndarray], str]:
+    """(torch state dict as numpy, arch) of a converted checkpoint or training workdir; its raw
+    weights, or with ``ema`` the moving average (as :func:`restore_variables` reads it).
 
     The run's model must be one torchvision/timm can hold: the fields that change what the
     weights mean without changing their shapes (stride position, epsilon, ...) are compared
     with the target's, not only the shapes.
     """
     path = Path(path)
-    variables, record = load_variables(path)
+    variables, record = load_variables(path, ema=ema)
     if record is None and arch is None:
         raise ConversionError(f"{path} records no model; pass the architecture (e.g. resnet50)")
     if record is not None:

@@ -135,6 +135,12 @@ def validate(
     ghost = flat["model.ghost_batch_size"]
     _check_accumulation(batch, flat.get("accumulate_steps", 1), ghost, num_devices)
 
+    if flat["ema.warmup"] and not flat["ema.decay"]:
+        raise ConfigError(
+            "config field ema.warmup = True warms up an EMA that is off: set ema.decay (e.g. 0.999) "
+            "or leave ema.warmup False"
+        )
+
     num_train, num_eval = _dataset_sizes(flat, sizes)
     if num_train < batch:
         raise ConfigError(f"config field batch_size = {batch} exceeds the {num_train} training images")

@@ -228,6 +228,18 @@ COMMON: dict[str, Field] = {
         choice("constant", "linear"),
         "constant: hold warmup_learning_rate (the paper's ResNet-110); linear: ramp from it to the rate",
     ),
+    "ema.decay": Field(
+        None,
+        real(0, 1, hi_open=True, optional=True),
+        "keep an exponential moving average of the weights and BN statistics, ema <- d*ema + (1-d)*w "
+        "after each step, evaluated next to them (e.g. 0.999); None or 0: off (the paper)",
+    ),
+    "ema.warmup": Field(
+        False,
+        BOOL,
+        "d_t = min(ema.decay, (1 + t) / (10 + t)) at step t (TensorFlow's num_updates rule), so the "
+        "average forgets the initialisation early; False: d_t = ema.decay",
+    ),
     "steps_per_dispatch": Field(100, integer(1, 100_000), "train steps fused into one compiled lax.scan"),
     "log_every_steps": Field(500, integer(1, BIG), "steps between training-metric lines", resumable=True),
     "eval_every_steps": Field(4_000, integer(1, BIG), "steps between evaluations", resumable=True),

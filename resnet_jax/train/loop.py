@@ -42,6 +42,7 @@ from resnet_jax.data import normalization
 from resnet_jax.errors import ResNetJaxError, UserError
 from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
+from resnet_jax.train import ema as ema_lib
 from resnet_jax.train import sources, steps
 from resnet_jax.train.checkpoint import Checkpointer
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
@@ -224,7 +225,10 @@ class _Run:
         model = self.plan.model
         tx, self.schedule = build_optimizer(config, self.derived)
         init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-        init_state = lambda: create_train_state(model, tx, init_key, self.info.image_shape, self.mesh)  # noqa: E731
+        ema_settings = ema_lib.settings_from_config(config)
+        init_state = lambda: create_train_state(  # noqa: E731
+            model, tx, init_key, self.info.image_shape, self.mesh, ema_settings
+        )
         shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
         self.workdir = prepare_workdir(
             workdir,
@@ -273,10 +277,14 @@ class _Run:
         self.writer = MetricsWriter(self.workdir, enabled=self.main, tensorboard=config.tensorboard)
         self.writer.truncate_after(self.start_step)
         # Evaluations of the run so far (before a resume), so that best_error covers them too.
-        self.evals: list[tuple[int, float]] = [
-            (r["step"], r["error"])
+        history = [
+            r
             for r in (read_metrics(self.writer.path) if self.main and self.writer.path.exists() else [])
             if r["split"] == self.info.eval_split
+        ]
+        self.evals: list[tuple[int, float]] = [(r["step"], r["error"]) for r in history]
+        self.ema_evals: list[tuple[int, float]] = [
+            (r["step"], r["ema_error"]) for r in history if "ema_error" in r
         ]
         self.train_time = 0.0
         self.progress: Progress | None = None
@@ -358,6 +366,9 @@ class _Run:
 
     def evaluate(self, write: bool = True) -> dict[str, float]:
         record = steps.summarize_eval(self.source.evaluate(self.state))
+        if self.state.ema is not None:  # the averaged weights, on the same images: ema_error, ...
+            averaged = steps.summarize_eval(self.source.evaluate(ema_lib.averaged(self.state)))
+            record.update({f"ema_{k}": v for k, v in averaged.items() if k != "count"})
         if write:
             self.writer.write(self.step, self.info.eval_split, record)
         return record
@@ -367,10 +378,14 @@ class _Run:
             return
         record = self.evaluate()
         self.evals.append((self.step, record["error"]))
+        ema_note = ""
+        if "ema_error" in record:
+            self.ema_evals.append((self.step, record["ema_error"]))
+            ema_note = f"; EMA weights {100 * record['ema_error']:.2f}%"
         self.progress.log(
             f"step {self.step}: {self.info.eval_split} error {100 * record['error']:.2f}% "
             f"(top-5 {100 * record['error_top5']:.2f}%) loss {record['loss']:.4f} "
-            f"over {record['count']} images"
+            f"over {record['count']} images{ema_note}"
         )
 
     def maybe_checkpoint(self, force: bool = False) -> None:
@@ -414,7 +429,10 @@ class _Run:
         if jax.process_count() > 1:
             again = bool(multihost_utils.broadcast_one_to_all(np.int32(again)))
         if again:
-            self.evals.append((self.step, self.evaluate(write=False)["error"]))
+            record = self.evaluate(write=False)
+            self.evals.append((self.step, record["error"]))
+            if "ema_error" in record:
+                self.ema_evals.append((self.step, record["ema_error"]))
         # The other processes hold no history: their results carry the final step only.
         best_step, best_error = min(self.evals, key=lambda e: e[1]) if self.evals else (self.step, None)
         steps_run = self.step - self.start_step
@@ -435,6 +453,19 @@ class _Run:
             if self.train_time
             else None,
             "hardware": _hardware(),
+        } | self._ema_results()
+
+    def _ema_results(self) -> dict[str, Any]:
+        """The averaged weights' figures, as final_error/best_error/best_step are the raw ones'."""
+        if self.state.ema is None:
+            return {}
+        best_step, best_error = (
+            min(self.ema_evals, key=lambda e: e[1]) if self.ema_evals else (self.step, None)
+        )
+        return {
+            "ema_final_error": self.ema_evals[-1][1] if self.ema_evals else None,
+            "ema_best_error": best_error,
+            "ema_best_step": best_step,
         }
 
 
@@ -445,7 +476,8 @@ def _init_from(state: TrainState, path: str, model: Any, load_weights: WeightLoa
         variables = load_weights(path, state.variables, model)
     except UserError as e:
         raise config_lib.ConfigError(f"config field init_from = {path!r}: {e}") from None
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    # The average restarts at the loaded weights, not at the discarded initialisation.
+    return ema_lib.reset(state.replace(params=variables["params"], batch_stats=variables["batch_stats"]))
 
 
 def train_and_evaluate(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax.train import ema as ema_lib
 from resnet_jax.train.state import TrainState
 
 # The two step functions a data source runs (train_step, eval_step below, or partials of them).
@@ -108,7 +109,7 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    return new_state, metrics
+    return ema_lib.apply(new_state), metrics  # the weights' moving average, when kept
 
 
 def view_scores(state: TrainState, views: tuple[jax.Array, ...]) -> jax.Array:
