@@ -243,3 +243,17 @@ def test_a_mistake_is_one_line_and_status_2(args, words, tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and all(w in line for w in words), line
     assert not (tmp_path / "w").exists()
+
+
+def test_the_recorded_cpu_sweep_is_consistent():
+    """docs/figures/cpu/seeds.*: the summary is numpy's over the recorded final errors, and the
+    markdown is what the code writes from the JSON."""
+    figures = ROOT / "docs" / "figures" / "cpu"
+    data = json.loads((figures / "seeds.json").read_text())
+    final = np.array([run["final_error"] for run in data["runs"].values()])
+    s = data["summary"]
+    np.testing.assert_allclose(
+        [s["best"], s["mean"], s["std"]], [final.min(), final.mean(), final.std(ddof=1)]
+    )
+    assert (figures / "seeds.md").read_text() == seeds.markdown_table(data)
+    assert "/path/to/cifar-10-batches-bin" in data["command"]
