@@ -189,6 +189,19 @@ def test_run_killed_after_a_checkpoint_and_rerun_ends_bit_identical(ema_run, tmp
     jax.tree.map(np.testing.assert_array_equal, items_a, items_b)
 
 
+def test_switching_the_average_off_in_a_resumed_run_is_refused_before_the_workdir_changes(
+    ema_run, tmp_path, cifar_dir
+):
+    reference, _ = ema_run
+    workdir = tmp_path / "switched"
+    shutil.copytree(reference, workdir)
+    before = (workdir / "config.json").read_bytes()
+    config = tiny_config(cifar_dir, allow_config_change=True, schedule__total_steps=20)
+    with pytest.raises(ConfigError, match=r"ema.decay = None: the checkpoints in .* written with a moving"):
+        loop.train_and_evaluate(config, str(workdir))
+    assert (workdir / "config.json").read_bytes() == before
+
+
 def test_warmup_without_a_decay_is_refused(cifar_dir, tmp_path):
     with pytest.raises(ConfigError, match="ema.warmup"):
         loop.train_and_evaluate(tiny_config(cifar_dir, ema__warmup=True), str(tmp_path / "w"))

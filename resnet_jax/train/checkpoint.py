@@ -464,3 +464,16 @@ def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], int]:
     finally:
         manager.close()
     return jax.tree.map(np.asarray, items), step
+
+
+def saved_item_names(directory: str | os.PathLike, step: int) -> set[str] | None:
+    """The top-level names of the state items saved at `step` ('params', 'ema', ...), read from
+    orbax's tree metadata without restoring anything; None when that cannot be read (a damaged
+    step, another orbax layout), so that callers fall back to restoring and its own errors."""
+    import ast
+
+    try:
+        meta = json.loads((Path(directory) / str(step) / "state" / "_METADATA").read_text(encoding="utf-8"))
+        return {ast.literal_eval(key)[0] for key in meta["tree_metadata"]}
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError, IndexError):
+        return None

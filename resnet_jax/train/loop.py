@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import platform
 import signal
 import threading
@@ -44,7 +45,7 @@ from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import ema as ema_lib
 from resnet_jax.train import sources, steps
-from resnet_jax.train.checkpoint import Checkpointer
+from resnet_jax.train.checkpoint import Checkpointer, saved_item_names
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
 from resnet_jax.train.optim import build_optimizer
 from resnet_jax.train.plan import make_plan
@@ -230,6 +231,11 @@ class _Run:
             model, tx, init_key, self.info.image_shape, self.mesh, ema_settings
         )
         shapes = jax.eval_shape(init_state)  # sizes the disk check before anything is read
+        _check_same_ema(
+            Path(os.path.abspath(os.path.expanduser(workdir))) / "checkpoints",
+            ema_settings is not None,
+            config,
+        )
         self.workdir = prepare_workdir(
             workdir,
             config.to_dict(),
@@ -467,6 +473,22 @@ class _Run:
             "ema_best_error": best_error,
             "ema_best_step": best_step,
         }
+
+
+def _check_same_ema(checkpoints: Path, keeps_ema: bool, config: ml_collections.ConfigDict) -> None:
+    """A resumed run keeps the weights' moving average as its checkpoints do: switching it on or
+    off would fail every restore, with an error that blames the checkpoints. Checked before the
+    workdir's config.json is touched, on the newest step's saved item names."""
+    saved = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
+    names = saved_item_names(checkpoints, max(saved)) if saved else None
+    if names is None or ("ema" in names) == keeps_ema:
+        return
+    raise config_lib.ConfigError(
+        f"config field ema.decay = {config.ema.decay!r}: the checkpoints in {checkpoints} were written "
+        f"{'with' if 'ema' in names else 'without'} a moving average of the weights, and it cannot be "
+        "switched on or off in a resumed run; keep ema.decay as it was, or start a new workdir with "
+        f"--config.init_from={checkpoints.parent} to start from these weights"
+    )
 
 
 def _init_from(state: TrainState, path: str, model: Any, load_weights: WeightLoader) -> TrainState:
