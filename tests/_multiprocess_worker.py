@@ -7,7 +7,7 @@ passes one JSON job description as argv[1]:
   {"mode": "train", "runs": [{"workdir": ..., "overrides": {...}, "out": "x.npz"}, ...],
    (a run may add "first_out": "y.npz", the arrays of its first checkpoint save)
    (a run may add "expect": "WorkdirError", "error_out": "path": see train())
-   "hlo": "path.txt" (optional), "local_batch": "path.npz" (optional)}
+   "hlo": "path.txt" (optional; "hlo_scan": false skips the scan's), "local_batch": "path.npz" (optional)}
   {"mode": "restore", "workdir": ..., "overrides": {...}, "out": "x.npz"}
   {"mode": "initialize", "distributed": {...}, "timeout_s": 20}
 
@@ -16,6 +16,7 @@ Outputs are .npz files of flattened arrays ("params/..." etc.), written by proce
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
@@ -75,19 +76,21 @@ def build_state(config):
     return mesh, state
 
 
-def dump_hlo(config, path: str) -> None:
+def dump_hlo(config, path: str, scan: bool = True) -> None:
     """The optimised HLO of one train step as the trainer compiles it on CPU (to `path`),
-    and of the fused `lax.scan` of two steps that GPUs and TPUs run (to `path` + ".scan")."""
+    and (`scan`) of the fused `lax.scan` of two steps that GPUs and TPUs run (to `path` + ".scan")."""
     mesh, state = build_state(config)
     data = cifar.load_cifar10("binary", str(CIFAR_DIR), validation_size=0)
     device_data = feeding.put_on_devices(
         data, mesh, config.dataset.normalization, config.dataset.train_subset, config.dataset.eval_subset
     )
-    chunk = feeding.TrainChunk(steps.train_step, mesh, seed=0, pad=4, flip=True, fuse=False)
+    step = functools.partial(steps.train_step, accumulate_steps=config.accumulate_steps)
+    chunk = feeding.TrainChunk(step, mesh, seed=0, pad=4, flip=True, fuse=False)
     idx = batching.train_indices(0, 0, 2, config.batch_size, device_data.train.size)
     idx = parallel.host_to_global(idx, parallel.batch_sharded(mesh, axis=1))
     Path(path).write_text(chunk._step.lower(state, device_data, idx[0]).compile().as_text())
-    Path(path + ".scan").write_text(chunk._scan.lower(state, device_data, idx).compile().as_text())
+    if scan:
+        Path(path + ".scan").write_text(chunk._scan.lower(state, device_data, idx).compile().as_text())
 
 
 def local_batch_sum(path: str) -> None:
@@ -133,7 +136,7 @@ def train(job: dict) -> None:
                 first_step, arrays = captured["first"]
                 np.savez(run["first_out"], step=first_step, **arrays)
     if job.get("hlo"):
-        dump_hlo(tiny_config(CIFAR_DIR, **job["runs"][0]["overrides"]), job["hlo"])
+        dump_hlo(tiny_config(CIFAR_DIR, **job["runs"][0]["overrides"]), job["hlo"], job.get("hlo_scan", True))
     if job.get("local_batch"):
         local_batch_sum(job["local_batch"])
 
