@@ -88,9 +88,11 @@ def dump_hlo(config, path: str, scan: bool = True) -> None:
     chunk = feeding.TrainChunk(step, mesh, seed=0, pad=4, flip=True, fuse=False)
     idx = batching.train_indices(0, 0, 2, config.batch_size, device_data.train.size)
     idx = parallel.host_to_global(idx, parallel.batch_sharded(mesh, axis=1))
-    Path(path).write_text(chunk._step.lower(state, device_data, idx[0]).compile().as_text())
+    Path(path).write_text(chunk._step.lower(state, device_data, idx[0], chunk._aug_root).compile().as_text())
     if scan:
-        Path(path + ".scan").write_text(chunk._scan.lower(state, device_data, idx).compile().as_text())
+        Path(path + ".scan").write_text(
+            chunk._scan.lower(state, device_data, idx, chunk._aug_root).compile().as_text()
+        )
 
 
 def local_batch_sum(path: str) -> None:

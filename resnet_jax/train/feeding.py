@@ -78,10 +78,13 @@ class TrainChunk:
         self, step_fn: StepFn, mesh: Mesh, *, seed: int, pad: int, flip: bool, fuse: bool | None = None
     ):
         batch_sharding = parallel.batch_sharded(mesh)
-        aug_root = jax.random.fold_in(jax.random.key(seed), 1)
+        # The seed's augmentation key is an argument, not a constant of the compiled program:
+        # runs that differ only in the seed (a sweep over seeds) share one compilation.
+        root = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+        self._aug_root = parallel.host_to_global(np.asarray(root), parallel.replicated(mesh))
 
-        def one_step(state: TrainState, data: DeviceData, idx: jax.Array):
-            key = jax.random.fold_in(aug_root, state.step)
+        def one_step(state: TrainState, data: DeviceData, idx: jax.Array, aug_root: jax.Array):
+            key = jax.random.fold_in(jax.random.wrap_key_data(aug_root), state.step)
             images = jax.lax.with_sharding_constraint(data.train.images[idx], batch_sharding)
             batch = {
                 "image": augment.augment_batch(
@@ -91,8 +94,8 @@ class TrainChunk:
             }
             return step_fn(state, batch)
 
-        def scan(state: TrainState, data: DeviceData, indices: jax.Array):
-            return jax.lax.scan(lambda s, idx: one_step(s, data, idx), state, indices)
+        def scan(state: TrainState, data: DeviceData, indices: jax.Array, aug_root: jax.Array):
+            return jax.lax.scan(lambda s, idx: one_step(s, data, idx, aug_root), state, indices)
 
         self.fused = mesh.devices.flat[0].platform != "cpu" if fuse is None else fuse
         self._scan = jax.jit(scan, donate_argnums=(0,))
@@ -103,18 +106,20 @@ class TrainChunk:
         """Compiles ahead of time for this shape; returns the seconds it took."""
         start = time.perf_counter()
         if self.fused:
-            self._compiled[indices.shape] = self._scan.lower(state, data, indices).compile()
+            self._compiled[indices.shape] = self._scan.lower(state, data, indices, self._aug_root).compile()
         else:
-            self._compiled[indices.shape[1:]] = self._step.lower(state, data, indices[0]).compile()
+            self._compiled[indices.shape[1:]] = self._step.lower(
+                state, data, indices[0], self._aug_root
+            ).compile()
         return time.perf_counter() - start
 
     def __call__(self, state: TrainState, data: DeviceData, indices: jax.Array):
         if self.fused:
-            return self._compiled.get(indices.shape, self._scan)(state, data, indices)
+            return self._compiled.get(indices.shape, self._scan)(state, data, indices, self._aug_root)
         step = self._compiled.get(indices.shape[1:], self._step)
         metrics = []
         for row in range(indices.shape[0]):
-            state, m = step(state, data, indices[row])
+            state, m = step(state, data, indices[row], self._aug_root)
             metrics.append(m)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
