@@ -257,3 +257,31 @@ def test_the_recorded_cpu_sweep_is_consistent():
     )
     assert (figures / "seeds.md").read_text() == seeds.markdown_table(data)
     assert "/path/to/cifar-10-batches-bin" in data["command"]
+
+
+def test_seeds_share_one_compiled_train_step():
+    """The seed reaches the compiled step as an argument: two seeds lower to the same program,
+    so a sweep compiles the train step once (the persistent cache serves the other seeds)."""
+    import jax
+    import optax
+
+    from resnet_jax import models, parallel
+    from resnet_jax.train import feeding, steps
+    from resnet_jax.train.state import create_train_state
+
+    mesh = parallel.make_mesh()
+    model = models.build_model("cifar_resnet8")
+    state = jax.eval_shape(
+        lambda: create_train_state(model, optax.sgd(0.1), jax.random.key(0), (32, 32, 3), mesh)
+    )
+    split = feeding.DeviceSplit(
+        jax.ShapeDtypeStruct((64, 32, 32, 3), np.uint8), jax.ShapeDtypeStruct((64,), np.int32)
+    )
+    image = jax.ShapeDtypeStruct((32, 32, 3), np.float32)
+    data = feeding.DeviceData(train=split, test=split, mean=image, std=image)
+    idx = jax.ShapeDtypeStruct((8,), np.int32)
+    texts = []
+    for seed in (0, 1):
+        chunk = feeding.TrainChunk(steps.train_step, mesh, seed=seed, pad=4, flip=True, fuse=False)
+        texts.append(chunk._step.lower(state, data, idx, chunk._aug_root).as_text())
+    assert texts[0] == texts[1]
