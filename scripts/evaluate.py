@@ -11,7 +11,9 @@ torchvision/timm `.pth`/`.safetensors` file. The weights must fit the config's m
 exactly (same classes). Protocols (ImageNet): 'center' (shorter side 256, centre 224),
 'ten_crop' (Tables 2-3), 'multi_scale' (Table 4); CIFAR configs evaluate the test set.
 Prints top-1/top-5 error as JSON and writes it to --output (default: the workdir's
-eval_<protocol>.json, or only stdout for --checkpoint).
+eval_<protocol>.json, or only stdout for --checkpoint). `--recalibrate-bn N` adds
+'bn_recalibrated': the errors with every BN layer's statistics recomputed over N training
+images ("precise BN", resnet_jax/train/recalibrate.py), next to those with the stored ones.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from resnet_jax.console import configure_logging, parse_flags
 from resnet_jax.files import atomic_write_json
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
-from resnet_jax.train import sources, steps
+from resnet_jax.train import recalibrate, sources, steps
 from resnet_jax.train.plan import make_plan
 from resnet_jax.train.state import TrainState
 
@@ -52,6 +54,13 @@ _EMA = flags.DEFINE_bool(
     False,
     "Evaluate the exponential moving average of the weights that a run with ema.decay keeps "
     "(an error when the checkpoint has none); default: the raw weights.",
+)
+_RECALIBRATE_BN = flags.DEFINE_integer(
+    "recalibrate-bn",
+    0,
+    "N > 0: also report the error with BN statistics recomputed over N training images (the "
+    "authors' 'precise BN'; a multiple of the config's batch_size), next to the stored ones'.",
+    lower_bound=0,
 )
 flags.mark_flags_as_required(["config"])
 
@@ -81,10 +90,14 @@ def model_name() -> str:
     return _CONFIG.value.model.name
 
 
-def evaluate(config, path: str, ema: bool = False) -> dict:
+def evaluate(config, path: str, ema: bool = False, recalibrate_bn: int = 0) -> dict:
     mesh = parallel.make_mesh()
-    plan = make_plan(config, mesh.devices.size, train=False)  # the training data need not be there
+    # The training data need not be there, unless BN statistics are recomputed on it.
+    plan = make_plan(config, mesh.devices.size, train=bool(recalibrate_bn))
     info, model = plan.info, plan.model
+    if recalibrate_bn:
+        flat = config_lib.flatten(config.to_dict())
+        config_lib.check_recalibration(flat, info.num_train, recalibrate_bn, what="--recalibrate-bn")
     try:
         variables, _ = weights.load_variables(path, ema=ema)
     except weights.ConversionError as e:
@@ -101,18 +114,20 @@ def evaluate(config, path: str, ema: bool = False) -> dict:
     )
     source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
     start = time.perf_counter()
-    if isinstance(source, sources.ImageNetSource):
-        total = None
-        eval_fn = jax.jit(steps.eval_step)
-        for batch in tqdm(
-            source.eval_batches(), desc="evaluating", unit="batch", disable=not parallel.is_main_process()
-        ):
-            out = eval_fn(state, batch)
-            total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
-        sums = jax.device_get(total)
-    else:
-        sums = source.evaluate(state)
-    record = steps.summarize_eval(sums)
+    record = _evaluate(source, state)
+    recalibrated = None
+    if recalibrate_bn:
+        piece = config_lib.bn_piece_size(flat)
+        pieces = source.recalibration_pieces(recalibrate_bn, piece)
+        stats = recalibrate.recalibrated_batch_stats(model, state.variables, pieces)
+        again = _evaluate(source, state.replace(batch_stats=stats))
+        recalibrated = {
+            "num_images": recalibrate_bn,
+            "piece_size": piece,
+            "top1_error": again["error"],
+            "top5_error": again["error_top5"],
+            "loss": again["loss"],
+        }
     protocol = config.dataset.get("eval_protocol", "test")
     return {
         "model": config.model.name,
@@ -126,7 +141,20 @@ def evaluate(config, path: str, ema: bool = False) -> dict:
         "loss": record["loss"],
         "count": record["count"],
         "seconds": time.perf_counter() - start,
-    }
+    } | ({"bn_recalibrated": recalibrated} if recalibrated else {})
+
+
+def _evaluate(source, state: TrainState) -> dict[str, float]:
+    if not isinstance(source, sources.ImageNetSource):
+        return steps.summarize_eval(source.evaluate(state))
+    total = None
+    eval_fn = jax.jit(steps.eval_step)
+    for batch in tqdm(
+        source.eval_batches(), desc="evaluating", unit="batch", disable=not parallel.is_main_process()
+    ):
+        out = eval_fn(state, batch)
+        total = out if total is None else jax.tree.map(jax.numpy.add, total, out)
+    return steps.summarize_eval(jax.device_get(total))
 
 
 def main(argv: list[str]) -> None:
@@ -142,7 +170,7 @@ def main(argv: list[str]) -> None:
         config.dataset.eval_protocol = _PROTOCOL.value
     path = _WORKDIR.value or _CHECKPOINT.value
     try:
-        result = evaluate(config, path, ema=_EMA.value)
+        result = evaluate(config, path, ema=_EMA.value, recalibrate_bn=_RECALIBRATE_BN.value)
     except Exception as e:  # mapped by family (resnet_jax.errors); a bug goes on
         status = errors.exit_status(e)
         if status is None:

@@ -146,6 +146,8 @@ def validate(
         raise ConfigError(f"config field batch_size = {batch} exceeds the {num_train} training images")
     derived = derive(flat, batch, num_train, num_eval)
 
+    check_recalibration(flat, num_train)
+
     k = flat["steps_per_dispatch"]
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         if flat[field] % k:
@@ -196,6 +198,30 @@ def _check_accumulation(batch: int, k: int, ghost: int | None, num_devices: int)
         f"config field accumulate_steps = {k} must split batch_size = {batch} into {k} equal micro-batches "
         f"that divide by the {num_devices} devices{ghost_words}; allowed here: {allowed}"
     )
+
+
+def bn_piece_size(flat: Mapping[str, Any]) -> int:
+    """Images per BN batch in training: the global batch (its micro-batch under gradient
+    accumulation), the piece BN recalibration normalises at a time."""
+    return flat["batch_size"] // flat.get("accumulate_steps", 1)
+
+
+def check_recalibration(
+    flat: Mapping[str, Any],
+    num_train: int,
+    num_images: int | None = None,
+    what: str = "config field bn_recalibration.num_images",
+) -> None:
+    """`bn_recalibration.num_images` (or `num_images`, named `what`): whole training batches (BN
+    normalises whole batches), at most the training set."""
+    n = flat.get("bn_recalibration.num_images", 0) if num_images is None else num_images
+    piece = bn_piece_size(flat)
+    if n and (n % piece or n > num_train):
+        raise ConfigError(
+            f"{what} = {n} must be a multiple of the {piece} images that BN normalises together in "
+            f"training (batch_size / accumulate_steps) and at most the {num_train} training images, "
+            f"e.g. {max(1, min(n, num_train) // piece) * piece}"
+        )
 
 
 def dataset_sizes(config: ml_collections.ConfigDict | Mapping[str, Any]) -> tuple[int, int]:

@@ -147,6 +147,18 @@ def make_evaluate(eval_fn: Callable, mesh: Mesh):
     return jax.jit(evaluate)
 
 
+def make_train_view(mesh: Mesh):
+    """jit(data, indices[B]) -> training images [B, H, W, C] through the evaluation transform
+    (normalisation only, no augmentation), sharded along the batch like a train step's."""
+    batch_sharding = parallel.batch_sharded(mesh)
+
+    def view(data: DeviceData, idx: jax.Array) -> jax.Array:
+        images = jax.lax.with_sharding_constraint(data.train.images[idx], batch_sharding)
+        return augment.eval_batch(images, data.mean, data.std, dtype=jnp.float32)
+
+    return jax.jit(view)
+
+
 def eval_arrays(n: int, batch_size: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     """Indices and mask [num_batches, batch] covering each of the n examples exactly once."""
     batches = batching.eval_batches(n, batch_size)

@@ -240,6 +240,14 @@ COMMON: dict[str, Field] = {
         "d_t = min(ema.decay, (1 + t) / (10 + t)) at step t (TensorFlow's num_updates rule), so the "
         "average forgets the initialisation early; False: d_t = ema.decay",
     ),
+    "bn_recalibration.num_images": Field(
+        0,
+        integer(0, BIG),
+        "N > 0: after training, recompute every BN layer's mean and variance over N training images "
+        "(the authors' 'precise BN'; a multiple of batch_size); results.json gives the error before "
+        "and after; 0: off (keep the moving averages)",
+        resumable=True,
+    ),
     "steps_per_dispatch": Field(100, integer(1, 100_000), "train steps fused into one compiled lax.scan"),
     "log_every_steps": Field(500, integer(1, BIG), "steps between training-metric lines", resumable=True),
     "eval_every_steps": Field(4_000, integer(1, BIG), "steps between evaluations", resumable=True),

@@ -5,7 +5,7 @@ asked -> mesh -> what the data holds (sizes, classes) -> the config against it -
 optimizer -> workdir (config.json checked against an earlier run) -> the data source ->
 state (He init, or `init_from`) -> restore the newest good checkpoint.
 The loop: chunks of K train steps from the source; log, evaluate and checkpoint at their
-cadences. The end: results.json.
+cadences. The end: results.json (after recomputing BN statistics if `bn_recalibration` asks).
 
 The data source (`sources.py`) is the only part that knows which dataset this is.
 
@@ -44,7 +44,7 @@ from resnet_jax.errors import ResNetJaxError, UserError
 from resnet_jax.files import atomic_write_json
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import ema as ema_lib
-from resnet_jax.train import sources, steps
+from resnet_jax.train import recalibrate, sources, steps
 from resnet_jax.train.checkpoint import Checkpointer, saved_item_names
 from resnet_jax.train.metrics import MetricsWriter, Progress, read_metrics
 from resnet_jax.train.optim import build_optimizer
@@ -256,7 +256,11 @@ class _Run:
 
     def _set_up(self, config: ml_collections.ConfigDict, model: Any, init_state: Any) -> None:
         """Everything after the workdir is locked: the data source, the state, the checkpoints."""
-        train_step = functools.partial(steps.train_step, label_smoothing=config.label_smoothing)
+        train_step = functools.partial(
+            steps.train_step,
+            label_smoothing=config.label_smoothing,
+            accumulate_steps=config.accumulate_steps,
+        )
         self.source = sources.build(config, self.mesh, self.info, train_step, steps.eval_step)
         self.state = init_state()
         self.num_params = models.count_params(self.state.params)
@@ -427,6 +431,33 @@ class _Run:
         finally:
             release_workdir(self.workdir)
 
+    def recalibrate_bn(self, error_before: float) -> dict[str, Any]:
+        """`bn_recalibration`: BN statistics over N training images (train/recalibrate.py), the
+        test error with them, and the weights with them saved in `<workdir>/bn_recalibrated`."""
+        n, start = self.config.bn_recalibration.num_images, time.perf_counter()
+        piece = config_lib.bn_piece_size(config_lib.flatten(self.config.to_dict()))
+        pieces = self.source.recalibration_pieces(n, piece)
+        stats = recalibrate.recalibrated_batch_stats(self.plan.model, self.state.variables, pieces)
+        record = steps.summarize_eval(self.source.evaluate(self.state.replace(batch_stats=stats)))
+        meta = {"num_images": n, "piece_size": piece, "config_name": self.config.model.name}
+        saved = recalibrate.save(
+            self.workdir / recalibrate.DIRECTORY, self.step, self.state.params, stats, meta
+        )
+        if self.main:  # only process 0 holds the error before (the others hold no history)
+            self.progress.log(
+                f"BN statistics recomputed over {n} training images: {self.info.eval_split} error "
+                f"{100 * record['error']:.2f}% (moving averages {100 * error_before:.2f}%)"
+            )
+        return {
+            **meta,
+            "error_moving_averages": error_before,
+            "error": record["error"],
+            "error_top5": record["error_top5"],
+            "loss": record["loss"],
+            "seconds": time.perf_counter() - start,
+            "checkpoint": saved.name,  # in the workdir
+        }
+
     def results(self) -> dict[str, Any]:
         # Resumed a finished run whose metrics.jsonl lacks the final evaluation: evaluate
         # again, without writing a second record for this step. Only process 0 reads
@@ -540,6 +571,12 @@ def train_and_evaluate(
             signum=signum,
         )
     results = run.results()
+    if config.bn_recalibration.num_images:
+        try:
+            results["bn_recalibration"] = run.recalibrate_bn(results["final_error"])
+        except BaseException as error:
+            run.abort(error)
+            raise
     if run.main:
         atomic_write_json(run.workdir / "results.json", results)
         log.info(

@@ -1,10 +1,12 @@
 """The seam between the trainer and its data: one source per kind of dataset.
 
-The loop asks a source three things and never learns which source it has:
+The loop asks a source four things and never learns which source it has:
   - `train(state, step, n)`: run the train steps step .. step+n-1 (the source decides how
     their inputs are made) and return the new state and the per-step metrics, stacked;
   - `evaluate(state)`: the summed eval metrics over every evaluation image, each once;
-  - `compile(state, step, n)`: compile ahead of time, returning the seconds it took.
+  - `compile(state, step, n)`: compile ahead of time, returning the seconds it took;
+  - `recalibration_pieces(num_images, piece)`: fixed training images, un-augmented, for
+    recomputing BN statistics after training (train/recalibrate.py).
 What a source needs from a checkpoint to resume exactly is nothing but the step: both
 sources make the examples and the augmentation of step s a pure function of (seed, s),
 so a run resumed at step s sees what an uninterrupted run saw from s on.
@@ -22,6 +24,7 @@ and what shape its images have, so the config and the model can be checked again
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -61,6 +64,8 @@ class DataSource(Protocol):
     def train(self, state: TrainState, step: int, n: int) -> tuple[TrainState, dict[str, jax.Array]]: ...
 
     def evaluate(self, state: TrainState) -> dict[str, Any]: ...
+
+    def recalibration_pieces(self, num_images: int, piece: int) -> Iterator[jax.Array]: ...
 
 
 def describe(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("train", "eval")) -> DatasetInfo:
@@ -136,6 +141,7 @@ class CifarSource:
             self.data.test.size, config.eval_batch_size, mesh
         )
         self._idx_sharding = parallel.batch_sharded(mesh, axis=1)
+        self._mesh = mesh
 
     def _indices(self, step: int, n: int) -> jax.Array:
         host = batching.train_indices(self._seed, step, n, self._batch, self.data.train.size)
@@ -149,6 +155,14 @@ class CifarSource:
 
     def evaluate(self, state: TrainState) -> dict[str, Any]:
         return jax.device_get(self._evaluate(state, self.data, self._eval_idx, self._eval_mask))
+
+    def recalibration_pieces(self, num_images: int, piece: int) -> Iterator[jax.Array]:
+        """The first `num_images` training images of epoch 0's order, `piece` at a time, through
+        the evaluation transform (no augmentation): deterministic inputs for BN recalibration."""
+        view = feeding.make_train_view(self._mesh)
+        sharding = parallel.batch_sharded(self._mesh)
+        for row in batching.train_indices(self._seed, 0, num_images // piece, piece, self.data.train.size):
+            yield view(self.data, parallel.host_to_global(row, sharding))
 
 
 def _flatten_views(batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -268,6 +282,29 @@ class ImageNetSource:
         )
         for batch in parallel.prefetch_to_mesh((_flatten_views(b) for b in host), self._mesh):
             yield _unflatten_views(batch)
+
+    def recalibration_pieces(self, num_images: int, piece: int) -> Iterator[jax.Array]:
+        """The first `num_images` images of the training order (steps 0, 1, ... at batch `piece`),
+        `piece` at a time, through the evaluation's centre crop: deterministic inputs for BN
+        recalibration. Each process reads its rows of each piece, as in training."""
+        d = self._dataset
+        if piece % jax.process_count():
+            raise config_lib.ConfigError(
+                f"BN recalibration: pieces of {piece} images do not divide by the "
+                f"{jax.process_count()} processes: each reads an equal share"
+            )
+        host = self._imagenet.centred_train_batches(
+            self._spec,
+            seed=self._seed,
+            global_batch=piece,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            image_size=d.image_size,
+            resize_size=d.eval_resize,
+            skip_bad_files=d.skip_bad_files,
+        )
+        for batch in parallel.prefetch_to_mesh(itertools.islice(host, num_images // piece), self._mesh):
+            yield batch["image"]
 
     def evaluate(self, state: TrainState) -> dict[str, Any]:
         total: dict[str, Any] | None = None

@@ -4,7 +4,8 @@ The package is split by concern; this module re-exports what callers use:
 
 - `spec.py`: where the data comes from (`ImageNetSpec`), the folder listing, labels,
   tfds builder access, and the cheap checks (`check`, `num_examples`, `class_names`).
-- `train_pipeline.py`: `train_batches`, the per-process training iterators; step s is a
+- `train_pipeline.py`: `train_batches`, the per-process training iterators (and
+  `centred_train_batches`, the same images through the evaluation's centre crop); step s is a
   pure function of (seed, s), so resuming repeats an uninterrupted run (its docstring).
 - `eval_pipeline.py`: `eval_batches` and `num_eval_batches` (centre, 10-crop, multi-scale).
 - `bad_files.py`: `BatchIterator` and what happens to an undecodable file (named in a
@@ -39,7 +40,7 @@ from resnet_jax.data.imagenet.spec import (
     imagenet_synsets,
     num_examples,
 )
-from resnet_jax.data.imagenet.train_pipeline import TRANSFORMS, train_batches
+from resnet_jax.data.imagenet.train_pipeline import TRANSFORMS, centred_train_batches, train_batches
 
 __all__ = [
     "EIGVAL",
@@ -57,6 +58,7 @@ __all__ = [
     "_find_bad_file",
     "_folder_files",
     "_substitute",
+    "centred_train_batches",
     "check",
     "class_names",
     "eval_batches",

@@ -100,6 +100,54 @@ def train_batches(
     return BatchIterator(lambda it: _tfds_train(it, spec, **args))
 
 
+def centred_train_batches(
+    spec: ImageNetSpec,
+    *,
+    seed: int,
+    global_batch: int,
+    process_index: int,
+    process_count: int,
+    image_size: int = 224,
+    resize_size: int = 256,
+    mean=MEAN_RGB,
+    std=STD_RGB,
+    skip_bad_files: bool = False,
+    threads: int | None = None,
+) -> BatchIterator:
+    """`train_batches` from step 0 (the same images, rows and processes), each image through the
+    evaluation's centre crop (shorter side `resize_size`, centre `image_size`) instead of the
+    augmentation: deterministic training images, e.g. for recomputing BN statistics."""
+
+    def centre(image_bytes, example_seed):
+        del example_seed
+        from resnet_jax.data import image_transforms as T
+
+        view = T.eval_center(image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std)
+        return view[0]
+
+    _check_process(process_index, process_count)
+    check_positive("global_batch", global_batch)
+    if global_batch % process_count:
+        raise ValueError(
+            f"global_batch: got {global_batch}, want a multiple of process_count={process_count}"
+        )
+    args = dict(
+        seed=int(seed),
+        start_step=0,
+        global_batch=global_batch,
+        per=global_batch // process_count,
+        process_index=process_index,
+        process_count=process_count,
+        image_fn=centre,
+        image_size=image_size,
+        skip_bad_files=skip_bad_files,
+        threads=threads,
+    )
+    if spec.source == "folder":
+        return BatchIterator(lambda it: _folder_train(it, spec, **args))
+    return BatchIterator(lambda it: _tfds_train(it, spec, **args))
+
+
 def _skipping_bad_rows(it, tf, ds, plan, per, threads):
     """Skip mode of both training sources: `ds` (elements with 'pos') loses its failed decodes,
     and each missing row becomes a good row of the same batch (`_assemble`, `_substitute`)."""
