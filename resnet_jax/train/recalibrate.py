@@ -6,9 +6,10 @@ after the training procedure" (KaimingHe/deep-residual-networks). Later work cal
 "precise BN" (Wu & Johnson 2021). The definition computed here:
 
 * the weights stay fixed; the network runs forward in training mode over N training images,
-  cut into pieces of the training batch, so that every BN layer normalises each piece with
-  the piece's own statistics, exactly as training did (and each ghost group of
-  ``model.ghost_batch_size`` images with its own, when the model has ghost BN);
+  cut into pieces of the batch BN saw in training (``batch_size / accumulate_steps``), so
+  that every BN layer normalises each piece with the piece's own statistics, exactly as
+  training did (and each ghost group of ``model.ghost_batch_size`` images with its own, when
+  the model has ghost BN; a ``bn_frozen`` model is run unfrozen, as the definition asks);
 * for every BN layer, its new ``mean`` is the mean of its input activations over all N images
   (and every spatial position), its new ``var`` their (biased, as Flax keeps it) variance over
   all N images, ``E[x^2] - E[x]^2``: combined exactly from per-piece sums of x and x^2, not a
@@ -24,7 +25,8 @@ Pieces are global batches sharded over every device of every process, as in trai
 are reduced over the mesh by XLA, so the result does not depend on how many devices share a
 piece (to float rounding). Which images, in which order, is the data source's business
 (`recalibration_pieces`: the first N images of the run's epoch-0 order, through the
-evaluation transform); this module only needs an iterable of image batches.
+evaluation transform: deterministic, and the input distribution the statistics will
+normalise at test time); this module only needs an iterable of image batches.
 
 The BN inputs are caught with a Flax method interceptor around `GhostBatchNorm.__call__`, so
 the model's code knows nothing of recalibration.
@@ -122,10 +124,11 @@ def piece_sums_fn(model: nn.Module):
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
-    # Replicated over the mesh: any addressable copy is the whole value (also with several
-    # processes, where the global array is not fully addressable).
+    """The whole value on this host, also where the global array spans several processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_shards[0].data
+        if x.sharding.is_fully_replicated:  # the usual case: the sums were all-reduced
+            return np.asarray(x.addressable_shards[0].data)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
 
