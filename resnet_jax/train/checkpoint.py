@@ -454,9 +454,20 @@ def read_newest(directory: str | os.PathLike) -> tuple[dict[str, Any], int]:
             raise CheckpointError(f"checkpoint step {step} under {root} is damaged: {problems[0]}")
     # create=False and no cleanup: reading must not touch someone else's directory.
     options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
-    manager = ocp.CheckpointManager(root, options=options)
+    manager = ocp.CheckpointManager(
+        root, options=options, item_handlers={"state": ocp.StandardCheckpointHandler()}
+    )
     try:
-        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        # Every array onto this process's first CPU device, whatever mesh wrote it: without a
+        # target, orbax restores the saved shardings and refuses a run saved on another device
+        # count ("Topology mismatch"), so an 8-GPU run could not be evaluated on a laptop.
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), saved)
+        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+            "state"
+        ]
     except Exception as e:  # orbax/tensorstore error types vary
         raise CheckpointError(
             f"cannot restore checkpoint step {step} under {root}: {type(e).__name__}: {first_line(e, 800)}"
