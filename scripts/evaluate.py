@@ -14,11 +14,15 @@ Prints top-1/top-5 error as JSON and writes it to --output (default: the workdir
 eval_<protocol>.json, or only stdout for --checkpoint). `--recalibrate-bn N` adds
 'bn_recalibrated': the errors with every BN layer's statistics recomputed over N training
 images ("precise BN", resnet_jax/train/recalibrate.py), next to those with the stored ones.
+CIFAR weights are fed through the normalisation stored with them (a workdir's
+checkpoints/normalization.json, a converted directory's pretrained.json), so only the test
+file is read; weights without one get the statistics of the config's training images.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 
@@ -30,6 +34,7 @@ from tqdm import tqdm
 
 from resnet_jax import errors, models, parallel
 from resnet_jax.console import configure_logging, parse_flags
+from resnet_jax.data import DataError, normalization
 from resnet_jax.files import atomic_write_json
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
@@ -63,6 +68,7 @@ _RECALIBRATE_BN = flags.DEFINE_integer(
     lower_bound=0,
 )
 flags.mark_flags_as_required(["config"])
+log = logging.getLogger("resnet_jax.evaluate")
 
 
 def _check_fits(variables: dict, model: models.ResNet, image_shape: tuple[int, int, int], where: str) -> None:
@@ -99,9 +105,20 @@ def evaluate(config, path: str, ema: bool = False, recalibrate_bn: int = 0) -> d
         flat = config_lib.flatten(config.to_dict())
         config_lib.check_recalibration(flat, info.num_train, recalibrate_bn, what="--recalibrate-bn")
     try:
-        variables, _ = weights.load_variables(path, ema=ema)
+        variables, meta = weights.load_variables(path, ema=ema)
     except weights.ConversionError as e:
         raise config_lib.ConfigError(str(e)) from None
+    # CIFAR's per-pixel mean comes from the training images: the record stored with the weights
+    # spares reading them (and gives what the weights were trained with, whatever the files).
+    stored = (meta or {}).get("normalization")
+    recompute = config.dataset.name in config_lib.CIFAR_DATASETS and stored is None
+    if recompute:
+        log.warning(
+            "%s records no input normalisation (no checkpoints/%s: a run from before it was stored); "
+            "computing it from the config's training images",
+            path,
+            normalization.FILE,
+        )
     _check_fits(variables, model, info.image_shape, path)
     variables = jax.device_put(variables, parallel.replicated(mesh))
     state = TrainState(
@@ -112,7 +129,18 @@ def evaluate(config, path: str, ema: bool = False, recalibrate_bn: int = 0) -> d
         apply_fn=model.apply,
         tx=None,
     )
-    source = sources.build(config, mesh, info, steps.train_step, steps.eval_step)
+    try:
+        source = sources.build(
+            config, mesh, info, steps.train_step, steps.eval_step, stored_normalization=stored,
+            eval_only=not recalibrate_bn,
+        )  # fmt: skip
+    except DataError as e:
+        if not recompute:
+            raise
+        raise DataError(
+            f"{path} records no input normalisation (no checkpoints/{normalization.FILE}), so the "
+            f"training images are needed to compute it: {e}"
+        ) from None
     start = time.perf_counter()
     record = _evaluate(source, state)
     recalibrated = None

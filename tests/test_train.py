@@ -1,14 +1,17 @@
 """End to end on real CIFAR-10: the loss falls, the net beats chance, resume is exact."""
 
+import importlib.util
 import json
+import shutil
+import sys
 
 import jax
 import numpy as np
 import pytest
-from _configs import tiny_config
+from _configs import ROOT, tiny_config
 from _workdirs import final_arrays
 
-from resnet_jax.data import augment, cifar
+from resnet_jax.data import DataError, augment, cifar
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, loop
@@ -122,6 +125,45 @@ def test_the_run_records_its_input_normalisation_with_its_checkpoints(trained, c
     np.testing.assert_array_max_ulp(np.asarray(stored["mean"], np.float32), mean.astype(np.float32), maxulp=1)
     _, record = weights.load_variables(workdir)
     assert record["normalization"] == stored
+
+
+def _evaluate_script():
+    """scripts/evaluate.py as a module, loaded once per process (it defines absl flags)."""
+    if "evaluate_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+        sys.modules["evaluate_script"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["evaluate_script"])
+    return sys.modules["evaluate_script"]
+
+
+def test_evaluate_script_needs_only_the_test_file_with_the_stored_normalisation(
+    trained, cifar_dir, tmp_path, caplog
+):
+    """scripts/evaluate.py on the run's workdir, with a data dir holding only the test file,
+    scores the run's own final test error and loss; without the stored record it must compute
+    the mean from the training images, and says in one line which file is missing."""
+    workdir, results = trained
+    test_only = tmp_path / "cifar"
+    test_only.mkdir()
+    for name in ("test_batch.bin", "batches.meta.txt"):
+        shutil.copy(cifar_dir / name, test_only / name)
+    config = tiny_config(test_only, eval_batch_size=96)  # the run's evaluation: 500 images, batches of 96
+    script = _evaluate_script()
+    report = script.evaluate(config, str(workdir))
+    record = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
+    assert report["count"] == record["count"] == 500
+    assert report["top1_error"] == record["error"] == results["final_error"]
+    assert report["loss"] == record["loss"]
+
+    old_run = tmp_path / "old_run"
+    shutil.copytree(workdir, old_run)
+    (old_run / "checkpoints" / "normalization.json").unlink()
+    with pytest.raises(DataError) as failed:
+        script.evaluate(config, str(old_run))
+    message = str(failed.value)
+    assert "\n" not in message and "normalization.json" in message
+    assert str(test_only / "data_batch_1.bin") in message
+    assert "records no input normalisation" in caplog.text
 
 
 def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatch):

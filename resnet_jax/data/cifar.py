@@ -251,6 +251,7 @@ def load_cifar(
     *,
     label_mode: str = "fine",
     verify_checksums: bool = False,
+    test_only: bool = False,
 ) -> CifarData:
     """Loads CIFAR-10 (`name='cifar10'`) or CIFAR-100 (`'cifar100'`).
 
@@ -258,7 +259,9 @@ def load_cifar(
     archive is taken from the download cache (`download.cache_dir()`), downloaded
     there the first time (source 'auto' first looks for a prepared tfds dataset).
     `label_mode` picks CIFAR-100's 100 'fine' classes or its 20 'coarse' superclasses
-    (CIFAR-10 has only 'fine'). Other arguments: see `load_cifar10`.
+    (CIFAR-10 has only 'fine'). `test_only`: the binary source reads only the test file (an
+    evaluation with a stored normalisation needs no training files); the train arrays are
+    then empty. Other arguments: see `load_cifar10`.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset name: got {name!r}, allowed {', '.join(map(repr, DATASETS))}")
@@ -267,7 +270,12 @@ def load_cifar(
         raise ValueError(
             f"label_mode: got {label_mode!r}, allowed for {name}: {', '.join(map(repr, layout.label_modes))}"
         )
-    return _load(layout, source, data_dir, validation_size, label_mode, verify_checksums)
+    if test_only and validation_size:
+        raise ValueError(
+            f"test_only with validation_size = {validation_size}: the validation split is part of "
+            "the training files; allowed: validation_size 0"
+        )
+    return _load(layout, source, data_dir, validation_size, label_mode, verify_checksums, test_only)
 
 
 def load_cifar10(
@@ -350,6 +358,7 @@ def _load(
     validation_size: int,
     label_mode: str,
     verify_checksums: bool,
+    test_only: bool = False,
 ) -> CifarData:
     """The one way in: the source that `source`, data_dir and the environment designate."""
     if source not in SOURCES:
@@ -359,9 +368,8 @@ def _load(
             f"label_mode: got {label_mode!r}, allowed {', '.join(map(repr, layout.label_modes))}"
         )
     _check_validation_size(validation_size, layout.num_train)
-    return hold_out_validation(
-        _locate_and_load(layout, source, data_dir, label_mode, verify_checksums), validation_size
-    )
+    data = _locate_and_load(layout, source, data_dir, label_mode, verify_checksums, test_only)
+    return data if test_only else hold_out_validation(data, validation_size)  # test_only: size 0
 
 
 def _locate_and_load(
@@ -370,6 +378,7 @@ def _locate_and_load(
     data_dir: str | os.PathLike[str] | None,
     label_mode: str,
     verify_checksums: bool,
+    test_only: bool = False,
 ) -> CifarData:
     if source == "tfds":
         return _load_tfds(layout, data_dir, label_mode)
@@ -380,7 +389,7 @@ def _locate_and_load(
             raise DataError(f"{origin}={given}: no such file or directory. {layout.how_to_get()}")
         found = _find_binary(layout, Path(given))
         if found is not None:
-            return _load_binary(layout, found, label_mode, verify_checksums)
+            return _load_binary(layout, found, label_mode, verify_checksums, test_only)
         # A data_dir that holds no binary files may be a tfds data dir.
         if source == "auto" and data_dir is not None and _tfds_prepared(data_dir, layout.name):
             return _load_tfds(layout, data_dir, label_mode)
@@ -397,7 +406,9 @@ def _locate_and_load(
     # official archive, downloaded once into the cache.
     if source == "auto" and download.cached(layout.archive) is None and _tfds_prepared(None, layout.name):
         return _load_tfds(layout, None, label_mode)
-    return _load_binary(layout, download.ensure_extracted(layout.archive), label_mode, verify_checksums)
+    return _load_binary(
+        layout, download.ensure_extracted(layout.archive), label_mode, verify_checksums, test_only
+    )
 
 
 # ---------------------------------------------------------------- binary
@@ -418,12 +429,15 @@ def _find_binary(layout: Layout, path: Path) -> Path | None:
     return None
 
 
-def _load_binary(layout: Layout, location: Path, label_mode: str, verify_checksums: bool) -> CifarData:
+def _load_binary(
+    layout: Layout, location: Path, label_mode: str, verify_checksums: bool, test_only: bool = False
+) -> CifarData:
     names_file = layout.names_files[label_mode]
+    files = (layout.test_file,) if test_only else layout.files
     if location.is_file():
-        contents = _read_archive(layout, location, (*layout.files, names_file))
-        where = {name: f"{location}:{layout.directory}/{name}" for name in (*layout.files, names_file)}
-        for name in layout.files:
+        contents = _read_archive(layout, location, (*files, names_file))
+        where = {name: f"{location}:{layout.directory}/{name}" for name in (*files, names_file)}
+        for name in files:
             if name not in contents:
                 raise DataError(
                     f"{location}: member {layout.directory}/{name} missing; the archive is not the "
@@ -431,28 +445,29 @@ def _load_binary(layout: Layout, location: Path, label_mode: str, verify_checksu
                 )
     else:
         contents, where = {}, {}
-        for name in (*layout.files, names_file):
+        for name in (*files, names_file):
             path = location / name
             where[name] = str(path)
             if path.is_file():
                 contents[name] = path.read_bytes()
             elif name != names_file:
                 raise DataError(
-                    f"{path}: missing ({layout.title} needs {', '.join(layout.files)}). {layout.how_to_get()}"
+                    f"{path}: missing ({layout.title} needs {', '.join(files)}). {layout.how_to_get()}"
                 )
     if verify_checksums:
-        for name in layout.files:
+        for name in files:
             if name in layout.file_sha256:
                 _verify_sha256(layout, where[name], contents[name], layout.file_sha256[name])
     parsed = {
         name: _parse_records(layout, contents[name], where[name], layout.records[name], label_mode)
-        for name in layout.files
+        for name in files
     }
     test_images, test_labels = parsed[layout.test_file]
+    train_files = () if test_only else layout.train_files
     source = f"binary:{location}" + (f" ({label_mode} labels)" if len(layout.label_modes) > 1 else "")
     return CifarData(
-        train_images=_stack_contiguous([parsed[name][0] for name in layout.train_files]),
-        train_labels=np.concatenate([parsed[name][1] for name in layout.train_files]),
+        train_images=_stack_contiguous([parsed[name][0] for name in train_files]),
+        train_labels=np.concatenate([parsed[name][1] for name in train_files] or [np.zeros(0, np.int32)]),
         test_images=_stack_contiguous([test_images]),
         test_labels=test_labels,
         class_names=_class_names(layout, label_mode, contents.get(names_file), where[names_file]),
@@ -464,7 +479,8 @@ def _stack_contiguous(parts: list[np.ndarray]) -> np.ndarray:
     # np.concatenate keeps the transposed (CHW) memory order of its inputs;
     # copying into a fresh NHWC buffer makes later per-pixel work cache-friendly.
     out = np.empty((sum(len(part) for part in parts), *IMAGE_SHAPE), dtype=np.uint8)
-    np.concatenate(parts, out=out)
+    if parts:  # none: a test-only load's empty training set
+        np.concatenate(parts, out=out)
     return out
 
 

@@ -44,13 +44,21 @@ class DeviceData:
 
 
 def put_on_devices(
-    data: cifar.CifarData, mesh: Mesh, normalization: str, train_subset: int = 0, eval_subset: int = 0
+    data: cifar.CifarData,
+    mesh: Mesh,
+    normalization: str,
+    train_subset: int = 0,
+    eval_subset: int = 0,
+    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DeviceData:
+    """`data` replicated on the mesh, with the (mean, std) the inputs are normalised by:
+    `stats` when given (a run's stored record: an evaluation need not read the training
+    images), else computed from the first `train_subset` training images, as training does."""
     rep = parallel.replicated(mesh)
     n_train = train_subset or len(data.train_labels)
     n_eval = eval_subset or len(data.test_labels)
     train_images = data.train_images[:n_train]
-    mean, std = augment.normalization_stats(train_images, normalization)
+    mean, std = augment.normalization_stats(train_images, normalization) if stats is None else stats
 
     def split(images, labels):
         return DeviceSplit(

@@ -94,11 +94,27 @@ def describe(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("trai
 
 
 def build(
-    config: ml_collections.ConfigDict, mesh: Mesh, info: DatasetInfo, train_step: StepFn, eval_step: EvalFn
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    info: DatasetInfo,
+    train_step: StepFn,
+    eval_step: EvalFn,
+    *,
+    stored_normalization: dict[str, Any] | None = None,
+    eval_only: bool = False,
 ) -> DataSource:
-    """The source for `config.dataset.name`, with its data opened (CIFAR: on the devices)."""
+    """The source for `config.dataset.name`, with its data opened (CIFAR: on the devices).
+
+    For an evaluation of trained weights (CIFAR): `stored_normalization`, the run's record
+    (data/normalization.py), replaces the statistics of the training images, and with
+    `eval_only` too only the test file is read (no `train`, no recalibration then). The
+    trainer passes neither: it computes the statistics and stores them.
+    """
     if config.dataset.name in config_lib.CIFAR_DATASETS:
-        return CifarSource(config, mesh, info, train_step, eval_step)
+        return CifarSource(
+            config, mesh, info, train_step, eval_step, stored_normalization=stored_normalization,
+            eval_only=eval_only,
+        )  # fmt: skip
     return ImageNetSource(config, mesh, info, train_step, eval_step)
 
 
@@ -108,6 +124,19 @@ def imagenet_spec(dataset: ml_collections.ConfigDict) -> Any:
     if dataset.name == "image_folder":
         return imagenet.ImageNetSpec(source="folder", data_dir=dataset.data_dir)
     return imagenet.ImageNetSpec(source="tfds", data_dir=dataset.data_dir, tfds_name=dataset.tfds_name)
+
+
+def _cifar_stats(rec: dict[str, Any], info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of a stored record, which must be in the units and size CIFAR's on-device
+    pipeline feeds (raw bytes / 255, 32x32); ConfigError says what the record holds."""
+    mean, std = normalization.arrays(rec, where="the weights' stored normalisation")
+    size = list(info.image_shape[:2])
+    if rec["value_range"] != [0, 1] or rec["image_size"] != size:
+        raise config_lib.ConfigError(
+            f"the weights' stored normalisation ({rec['source']}) is for {rec['image_size']} images in "
+            f"{rec['value_range']} units; a CIFAR config feeds {size} images in [0, 1] units"
+        )
+    return mean, std
 
 
 class CifarSource:
@@ -120,19 +149,32 @@ class CifarSource:
         info: DatasetInfo,
         train_step: StepFn,
         eval_step: EvalFn,
+        *,
+        stored_normalization: dict[str, Any] | None = None,
+        eval_only: bool = False,
     ):
         d = config.dataset
         self.info = info
-        data = cifar.load_cifar(d.name, d.source, d.data_dir, d.validation_size, label_mode=d.label_mode)
-        self.data = feeding.put_on_devices(data, mesh, d.normalization, d.train_subset, d.eval_subset)
-        self.normalization = normalization.record(
-            d.normalization,
-            self.data.mean.addressable_data(0),  # replicated: any device's copy is the whole
-            self.data.std.addressable_data(0),
-            image_size=info.image_shape[:2],
-            value_range=(0, 1),
-            source=f"the first {self.data.train.size} training images of {d.name}",
+        stats = None if stored_normalization is None else _cifar_stats(stored_normalization, info)
+        # A validation split is the tail of the training files: those are read then.
+        test_only = stats is not None and eval_only and not d.validation_size
+        data = cifar.load_cifar(
+            d.name, d.source, d.data_dir, d.validation_size, label_mode=d.label_mode, test_only=test_only
         )
+        self.data = feeding.put_on_devices(
+            data, mesh, d.normalization, d.train_subset, d.eval_subset, stats=stats
+        )
+        if stats is not None:
+            self.normalization = dict(stored_normalization)
+        else:
+            self.normalization = normalization.record(
+                d.normalization,
+                self.data.mean.addressable_data(0),  # replicated: any device's copy is the whole
+                self.data.std.addressable_data(0),
+                image_size=info.image_shape[:2],
+                value_range=(0, 1),
+                source=f"the first {self.data.train.size} training images of {d.name}",
+            )
         self._seed = config.seed
         self._batch = config.batch_size
         self._chunk = feeding.TrainChunk(train_step, mesh, seed=config.seed, pad=d.pad, flip=d.flip)
