@@ -1,8 +1,9 @@
 """End to end on real CIFAR-10: the loss falls, the net beats chance, resume is exact."""
 
-import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from _configs import ROOT, tiny_config
 from _workdirs import final_arrays
 
-from resnet_jax.data import DataError, augment, cifar
+from resnet_jax.data import augment, cifar
 from resnet_jax.interop import weights
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import feeding, loop
@@ -127,18 +128,41 @@ def test_the_run_records_its_input_normalisation_with_its_checkpoints(trained, c
     assert record["normalization"] == stored
 
 
-def _evaluate_script():
-    """scripts/evaluate.py as a module, loaded once per process (it defines absl flags)."""
-    if "evaluate_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-        sys.modules["evaluate_script"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["evaluate_script"])
-    return sys.modules["evaluate_script"]
+# scripts/evaluate.py defines absl flags ('config', 'workdir') that resnet_jax.main defines too,
+# so it runs in a process of its own: here, after whichever test imported main.
+_EVALUATE = """
+import importlib.util, json, sys
+sys.path.insert(0, "tests")
+from _configs import tiny_config
+spec = importlib.util.spec_from_file_location("evaluate_script", "scripts/evaluate.py")
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+data_dir, workdir = sys.argv[1], sys.argv[2]
+config = tiny_config(data_dir, eval_batch_size=96)  # the run's evaluation: 500 images, batches of 96
+try:
+    print(json.dumps({"report": script.evaluate(config, workdir)}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"""
 
 
-def test_evaluate_script_needs_only_the_test_file_with_the_stored_normalisation(
-    trained, cifar_dir, tmp_path, caplog
-):
+def _evaluate(data_dir, workdir) -> tuple[dict, str]:
+    """(what evaluate() returned or raised, as JSON; the process's stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", _EVALUATE, str(data_dir), str(workdir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_evaluate_script_needs_only_the_test_file_with_the_stored_normalisation(trained, cifar_dir, tmp_path):
     """scripts/evaluate.py on the run's workdir, with a data dir holding only the test file,
     scores the run's own final test error and loss; without the stored record it must compute
     the mean from the training images, and says in one line which file is missing."""
@@ -147,9 +171,8 @@ def test_evaluate_script_needs_only_the_test_file_with_the_stored_normalisation(
     test_only.mkdir()
     for name in ("test_batch.bin", "batches.meta.txt"):
         shutil.copy(cifar_dir / name, test_only / name)
-    config = tiny_config(test_only, eval_batch_size=96)  # the run's evaluation: 500 images, batches of 96
-    script = _evaluate_script()
-    report = script.evaluate(config, str(workdir))
+    out, _ = _evaluate(test_only, workdir)
+    report = out["report"]
     record = [r for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "test"][-1]
     assert report["count"] == record["count"] == 500
     assert report["top1_error"] == record["error"] == results["final_error"]
@@ -158,12 +181,12 @@ def test_evaluate_script_needs_only_the_test_file_with_the_stored_normalisation(
     old_run = tmp_path / "old_run"
     shutil.copytree(workdir, old_run)
     (old_run / "checkpoints" / "normalization.json").unlink()
-    with pytest.raises(DataError) as failed:
-        script.evaluate(config, str(old_run))
-    message = str(failed.value)
+    out, stderr = _evaluate(test_only, old_run)
+    assert out.get("error") == "DataError", out
+    message = out["message"]
     assert "\n" not in message and "normalization.json" in message
     assert str(test_only / "data_batch_1.bin") in message
-    assert "records no input normalisation" in caplog.text
+    assert "records no input normalisation" in stderr
 
 
 def test_resume_after_a_crash_ends_bit_identical(cifar_dir, tmp_path, monkeypatch):
