@@ -11,6 +11,8 @@ is exact on resume but depends on process_count (see `_tfds_train`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from resnet_jax.data import DataError
@@ -56,17 +58,11 @@ def train_batches(
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"transform: got {transform!r}, want one of {TRANSFORMS}")
-    _check_process(process_index, process_count)
-    check_positive("global_batch", global_batch)
-    if global_batch % process_count:
-        raise ValueError(
-            f"global_batch: got {global_batch}, want a multiple of process_count={process_count}"
-        )
+    _check_split(global_batch, process_index, process_count)
     if transform == "paper" and not image_size <= scale_range[0] <= scale_range[1]:
         raise ValueError(f"scale_range: got {scale_range}, want image_size={image_size} <= low <= high")
     if not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"start_step: got {start_step!r}, want an integer >= 0")
-    per = global_batch // process_count
 
     def image_fn(image_bytes, example_seed):
         from resnet_jax.data import image_transforms as T
@@ -83,21 +79,8 @@ def train_batches(
             )
         return T.train_inception(image_bytes, example_seed, image_size=image_size, mean=mean, std=std)
 
-    args = dict(
-        seed=int(seed),
-        start_step=int(start_step),
-        global_batch=global_batch,
-        per=per,
-        process_index=process_index,
-        process_count=process_count,
-        image_fn=image_fn,
-        image_size=image_size,
-        skip_bad_files=skip_bad_files,
-        threads=threads,
-    )
-    if spec.source == "folder":
-        return BatchIterator(lambda it: _folder_train(it, spec, **args))
-    return BatchIterator(lambda it: _tfds_train(it, spec, **args))
+    rows = _Rows(int(seed), int(start_step), global_batch, process_index, process_count)
+    return _train_iterator(spec, rows, image_fn, skip_bad_files, threads)
 
 
 def centred_train_batches(
@@ -125,27 +108,39 @@ def centred_train_batches(
         view = T.eval_center(image_bytes, image_size=image_size, resize_size=resize_size, mean=mean, std=std)
         return view[0]
 
+    _check_split(global_batch, process_index, process_count)
+    rows = _Rows(int(seed), 0, global_batch, process_index, process_count)
+    return _train_iterator(spec, rows, centre, skip_bad_files, threads)
+
+
+def _check_split(global_batch, process_index, process_count):
+    """A valid process of `process_count`, and a global batch they share evenly."""
     _check_process(process_index, process_count)
     check_positive("global_batch", global_batch)
     if global_batch % process_count:
         raise ValueError(
             f"global_batch: got {global_batch}, want a multiple of process_count={process_count}"
         )
-    args = dict(
-        seed=int(seed),
-        start_step=0,
-        global_batch=global_batch,
-        per=global_batch // process_count,
-        process_index=process_index,
-        process_count=process_count,
-        image_fn=centre,
-        image_size=image_size,
-        skip_bad_files=skip_bad_files,
-        threads=threads,
-    )
-    if spec.source == "folder":
-        return BatchIterator(lambda it: _folder_train(it, spec, **args))
-    return BatchIterator(lambda it: _tfds_train(it, spec, **args))
+
+
+class _Rows(NamedTuple):
+    """Which rows of which steps this process yields (see the module docstring)."""
+
+    seed: int
+    start_step: int
+    global_batch: int
+    process_index: int
+    process_count: int
+
+    @property
+    def per(self) -> int:
+        return self.global_batch // self.process_count
+
+
+def _train_iterator(spec, rows, image_fn, skip_bad_files, threads) -> BatchIterator:
+    """`rows` from the spec's source, each image through `image_fn(image_bytes, example_seed)`."""
+    source = _folder_train if spec.source == "folder" else _tfds_train
+    return BatchIterator(lambda it: source(it, spec, rows, image_fn, skip_bad_files, threads))
 
 
 def _skipping_bad_rows(it, tf, ds, plan, per, threads):
@@ -170,23 +165,11 @@ def _step_plan(seed, step, global_batch, n, per, process_index, chunk):
     return indices, positions
 
 
-def _folder_train(
-    it,
-    spec,
-    *,
-    seed,
-    start_step,
-    global_batch,
-    per,
-    process_index,
-    process_count,
-    image_fn,
-    image_size,
-    skip_bad_files,
-    threads,
-):
+def _folder_train(it, spec, rows, image_fn, skip_bad_files, threads):
     import tensorflow as tf
 
+    seed, start_step, global_batch, process_index, _ = rows
+    per = rows.per
     paths, labels = _folder_files(spec, "train")
     n = len(paths)
     if global_batch > n:
@@ -242,21 +225,7 @@ def _folder_train(
         step += 1
 
 
-def _tfds_train(
-    it,
-    spec,
-    *,
-    seed,
-    start_step,
-    global_batch,
-    per,
-    process_index,
-    process_count,
-    image_fn,
-    image_size,
-    skip_bad_files,
-    threads,
-):
+def _tfds_train(it, spec, rows, image_fn, skip_bad_files, threads):
     """tfds tfrecords: exact resume, process_count-dependent order.
 
     Epoch e of process p reads its even share of the split (`tfds.even_splits`) with
@@ -271,6 +240,8 @@ def _tfds_train(
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    seed, start_step, global_batch, process_index, process_count = rows
+    per = rows.per
     builder = _tfds_builder(spec)
     split = spec.train_split
     n = _tfds_count(builder, spec, split)
