@@ -236,23 +236,21 @@ def _dataset_sizes(flat: Mapping[str, Any], sizes: tuple[int, int] | None) -> tu
             raise ValueError("validate(): an image folder's sizes must be given (count its files first)")
         return tuple(sizes or ILSVRC2012_SIZES)
     layout = cifar.LAYOUTS[name]
-    num_train = layout.num_train - flat["dataset.validation_size"]
-    if flat["dataset.train_subset"]:
-        if flat["dataset.train_subset"] > num_train:
-            raise ConfigError(
-                f"config field dataset.train_subset = {flat['dataset.train_subset']} exceeds "
-                f"the {num_train} training images"
-            )
-        num_train = flat["dataset.train_subset"]
-    num_eval = flat["dataset.validation_size"] or layout.records[layout.test_file]
-    if flat["dataset.eval_subset"]:
-        if flat["dataset.eval_subset"] > num_eval:
-            raise ConfigError(
-                f"config field dataset.eval_subset = {flat['dataset.eval_subset']} exceeds "
-                f"the {num_eval} evaluation images"
-            )
-        num_eval = flat["dataset.eval_subset"]
+    num_train = _subset(flat, "train_subset", layout.num_train - flat["dataset.validation_size"], "training")
+    num_eval = _subset(
+        flat, "eval_subset", flat["dataset.validation_size"] or layout.records[layout.test_file], "evaluation"
+    )
     return num_train, num_eval
+
+
+def _subset(flat: Mapping[str, Any], field: str, available: int, images: str) -> int:
+    """`available`, or the first k images that config field dataset.`field` = k > 0 selects."""
+    k = flat[f"dataset.{field}"]
+    if k:
+        if k > available:
+            raise ConfigError(f"config field dataset.{field} = {k} exceeds the {available} {images} images")
+        return k
+    return available
 
 
 def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:
