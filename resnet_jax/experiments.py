@@ -82,6 +82,20 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def _save_results(
+    args: argparse.Namespace, name: str, data: dict, markdown_table: Any, plot: Any = None, title: str = ""
+) -> str:
+    """Writes `name`.json (data), `name`.md (`markdown_table(data)`) and, given `plot`,
+    `name`.png under --out; returns the table, for the command to print."""
+    out = Path(args.out)
+    table = markdown_table(data)
+    _write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(table)
+    if plot is not None:
+        plot(data, out / f"{name}.png", title=title)
+    return table
+
+
 def _recipe_config(args: argparse.Namespace, config_file: str | Path, config_arg: str | None, seed: int):
     """One net's config as the sweeps' options say: the config file's ``get_config(arg)``,
     compressed to ``--steps`` or at the full schedule with denser curves, the data options,
@@ -137,9 +151,8 @@ def _degradation(args: argparse.Namespace) -> int:
     data["command"] = (
         " ".join(["python -m resnet_jax.experiments"] + sys.argv[1:]) if args.record_command else None
     )
+    table = _save_results(args, "degradation", data, deg.markdown_table)
     out = Path(args.out)
-    _write_json(out / "degradation.json", data)
-    (out / "degradation.md").write_text(deg.markdown_table(data))
     title = (
         f"CIFAR-10, {args.steps} steps of batch {args.batch}" if args.steps else "CIFAR-10, paper schedule"
     )
@@ -148,7 +161,7 @@ def _degradation(args: argparse.Namespace) -> int:
     plots.degradation(data, out / "degradation.png", families=args.families, title=title)
     if "plain20" in data["runs"] and "plain56" in data["runs"]:
         plots.degradation_fig1(data, out / "degradation_fig1.png", title=title)
-    print(deg.markdown_table(data))
+    print(table)
     return 0
 
 
@@ -182,17 +195,12 @@ def _seeds(args: argparse.Namespace) -> int:
     data["command"] = (
         " ".join(["python -m resnet_jax.experiments"] + sys.argv[1:]) if args.record_command else None
     )
-    out = Path(args.out)
-    table = seeds_lib.markdown_table(data)
-    _write_json(out / "seeds.json", data)
-    (out / "seeds.md").write_text(table)
     steps = f"{args.steps} steps" if args.steps else "paper schedule"
     title = (
         f"{data['model']} on {data['dataset']}, {steps}, {len(seeds)} seeds; final {data['eval_split']} "
         f"error best (mean ± std): {seeds_lib.best_mean_std(data['summary'])} %"
     )
-    plots.seed_curves(data, out / "seeds.png", title=title)
-    print(table)
+    print(_save_results(args, "seeds", data, seeds_lib.markdown_table, plots.seed_curves, title))
     return 0
 
 
@@ -259,15 +267,10 @@ def _layer_responses(args: argparse.Namespace) -> int:
             "%s: %d layers, mean std %.3f", label, len(layers), responses.summary_row(layers)["mean_std"]
         )
     data = {"nets": nets, "images": args.images, "split": "test", "mode": "eval (BN running statistics)"}
-    out = Path(args.out)
-    _write_json(out / "layer_responses.json", data)
-    (out / "layer_responses.md").write_text(responses.markdown_table(data))
-    plots.layer_responses(
-        data,
-        out / "layer_responses.png",
-        title=f"std of 3x3 layer responses on {args.images} CIFAR-10 test images",
+    title = f"std of 3x3 layer responses on {args.images} CIFAR-10 test images"
+    print(
+        _save_results(args, "layer_responses", data, responses.markdown_table, plots.layer_responses, title)
     )
-    print(responses.markdown_table(data))
     return 0
 
 
@@ -293,15 +296,8 @@ def _gradient_flow(args: argparse.Namespace) -> int:
             "checkpoint": w.name,
             **result,
         }
-    out = Path(args.out)
-    _write_json(out / "gradient_flow.json", data)
-    (out / "gradient_flow.md").write_text(gf.markdown_table(data))
-    plots.gradient_flow(
-        data,
-        out / "gradient_flow.png",
-        title=f"dL/dx at block inputs, batch of {args.images} CIFAR-10 training images, BN in training mode",
-    )
-    print(gf.markdown_table(data))
+    title = f"dL/dx at block inputs, batch of {args.images} CIFAR-10 training images, BN in training mode"
+    print(_save_results(args, "gradient_flow", data, gf.markdown_table, plots.gradient_flow, title))
     return 0
 
 
@@ -309,10 +305,7 @@ def _table1(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import table1
 
     data = table1.table1(args.nets)
-    out = Path(args.out)
-    _write_json(out / "table1.json", data)
-    (out / "table1.md").write_text(table1.markdown_table(data))
-    print(table1.markdown_table(data))
+    print(_save_results(args, "table1", data, table1.markdown_table))
     return 0
 
 
