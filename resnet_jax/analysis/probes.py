@@ -77,11 +77,12 @@ def init_variables(model: nn.Module, seed: int = 0) -> dict[str, Any]:
 def load_workdir(workdir: str | Path) -> tuple[dict[str, Any], nn.Module, dict[str, Any], int]:
     """(config, model, variables, step) of the newest checkpoint in a training workdir.
 
-    Read-only: the checkpoint is read with orbax directly (no manifest checks, no
-    quarantine), so analysing a run never changes its workdir.
+    Read-only, through the checkpoint module's reader (`train.checkpoint.read_newest`): the
+    newest step is checked against its manifest, a damaged one is an error rather than a
+    silent fallback, a run saved on another device count reads on this one, and analysing a
+    run never changes its workdir.
     """
-    import orbax.checkpoint as ocp
-
+    from resnet_jax.train import checkpoint
     from resnet_jax.train import config as config_lib
 
     workdir = Path(workdir).resolve()
@@ -93,14 +94,7 @@ def load_workdir(workdir: str | Path) -> tuple[dict[str, Any], nn.Module, dict[s
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (the run saved nothing yet)")
-    manager = ocp.CheckpointManager(str(ckpt_dir))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint step")
-        items = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        manager.close()
+    items, step = checkpoint.read_newest(ckpt_dir)
     variables = {"params": items["params"], "batch_stats": items["batch_stats"]}
     return config, model, jax.tree.map(jnp.asarray, variables), int(step)
 
