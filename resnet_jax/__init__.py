@@ -1,10 +1,13 @@
 """ResNets of He et al. (2015, 2016) in JAX/Flax: models, CIFAR and ImageNet training, scaling out.
 
 models/ (blocks, networks, families, registry), summary (params and FLOPs), data/ (CIFAR-10/100
-sources and download, on-device augmentation, batching, ImageNet tf.data pipelines), train/
-(config, optimizer, steps, loop, checkpoints, metrics), parallel (mesh, shardings, multi-host),
-interop/ (torchvision/timm weights in and out, NNX), convert (its command line), analysis/ and
-experiments (the papers' experiments), main (the training command line). ``pretrained()`` below
+sources and download, on-device augmentation, batching, ImageNet tf.data pipelines, the input
+normalisation stored with weights), train/ (config fields and checks, the run's plan, optimizer,
+steps, loop, checkpoints, metrics, EMA, BN recalibration), parallel (mesh, shardings,
+multi-host), interop/ (torchvision/timm weights in and out, weights by name, NNX), export/
+(StableHLO and ONNX), configs/ (the recipes), convert (its command line), analysis/ and
+experiments (the papers' experiments), main (the training command line); errors (the error
+family and exit statuses) and files (atomic writes) below everything. ``pretrained()`` below
 gives a Flax model and its weights in one call.
 """
 

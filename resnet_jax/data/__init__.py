@@ -1,9 +1,9 @@
 """Input data: dataset sources, on-device augmentation and batch index plans.
 
-Submodules are imported explicitly (``resnet_jax.data.cifar``, ``.download``,
-``.augment``, ``.batching``, ``.constants``, the ``.imagenet`` package) so that
-importing this package stays cheap and never pulls in TensorFlow. This module owns only the
-error type shared by every data source.
+Submodules are imported explicitly (``resnet_jax.data.cifar``, ``.download``, ``.augment``,
+``.batching``, ``.constants``, ``.normalization``, ``.image_transforms``, the ``.imagenet``
+package) so that importing this package stays cheap and never pulls in TensorFlow. This module
+owns only the error type shared by every data source.
 """
 
 from resnet_jax.errors import UserError

@@ -6,6 +6,7 @@
   ``.safetensors`` (the only module that imports torch, lazily, to write ``.pth``);
 * :mod:`~resnet_jax.interop.weights`: converted checkpoints on disk, ``pretrained()``,
   ``init_variables_from()`` for fine-tuning;
+* :mod:`~resnet_jax.interop.hub`: torchvision weights by name (cache, download with a hash check);
 * :mod:`~resnet_jax.interop.nnx`: a Flax NNX wrapper.
 
 The command line is ``python -m resnet_jax.convert``.
