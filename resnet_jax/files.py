@@ -7,11 +7,12 @@ directories) both write through it, and it imports nothing of resnet_jax.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +57,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replaces `path` with `data` so a reader sees either the old or the new file, whole.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` for the caller to write the whole file to.
 
-    The temporary name carries host and pid so that several processes writing the same
-    file never share a temporary.
+    On a normal exit the file is flushed to disk and renamed over `path`, and the rename is made
+    durable, so a reader sees either the old file or the new one, whole, even after a crash or a
+    power loss; on an error the temporary is deleted and `path` is untouched. The temporary's
+    name carries host and pid, so several processes writing the same file never share one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replaces `path` with `data` so a reader sees either the old or the new file, whole
+    (see `atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

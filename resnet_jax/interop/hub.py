@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from resnet_jax.errors import EXIT_TRANSIENT
+from resnet_jax.files import atomic_file
 from resnet_jax.interop import layout
 from resnet_jax.interop.layout import ConversionError
 
@@ -240,15 +241,14 @@ def _download(url: str, dest: Path, prefix: str, progress: bool) -> None:
     by_hand = f"fetch {url} and put it at {dest}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     except OSError as err:
-        raise ConversionError(
-            f"cannot write into the torch hub cache {dest.parent} ({err}); "
-            "set $TORCH_HOME to a writable folder"
-        ) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "wb") as out:
+        raise _unwritable(dest, err) from None
+    with atomic_file(dest) as tmp:
+        try:
+            out = open(tmp, "wb")
+        except OSError as err:
+            raise _unwritable(dest, err) from None
+        with out:
             digest, received, expected = _stream(url, out, dest.name, progress, by_hand)
         if expected is not None and received != expected:
             raise DownloadError(
@@ -260,9 +260,12 @@ def _download(url: str, dest: Path, prefix: str, progress: bool) -> None:
                 f"{url}: the download's sha256 {digest[:16]}... does not start with {prefix}, the hash in "
                 f"its name (damaged on the way, or another file; deleted it); run again, or {by_hand}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _unwritable(dest: Path, err: OSError) -> ConversionError:
+    return ConversionError(
+        f"cannot write into the torch hub cache {dest.parent} ({err}); set $TORCH_HOME to a writable folder"
+    )
 
 
 def _stream(url: str, out, name: str, progress: bool, by_hand: str) -> tuple[str, int, int | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resnet_jax.files import atomic_file
 from resnet_jax.interop import pth
 from resnet_jax.interop.layout import ConversionError
 
@@ -63,17 +64,19 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Writes a torch-loadable state dict (.pth via torch.save, or .safetensors)."""
+    """Writes a torch-loadable state dict (.pth via torch.save, or .safetensors), atomically:
+    an interrupted write leaves the previous file (or none), never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+        with atomic_file(path) as tmp:
+            save_file(arrays, str(tmp))
         return path
     torch = _torch()
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(tensors, tmp)
-    os.replace(tmp, path)
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    with atomic_file(path) as tmp:
+        torch.save(tensors, tmp)
     return path
