@@ -18,7 +18,7 @@ import pytest
 from resnet_jax.data import DataError, augment, batching, cifar
 from resnet_jax.data.cifar import CifarData, load_cifar10
 
-ALL_FILES = (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)
+ALL_FILES = (*cifar.CIFAR10.files, cifar.META_FILE)
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -83,7 +83,7 @@ def test_shapes_labels_and_class_names(data: CifarData) -> None:
     assert data.train_images.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(np.bincount(data.train_labels, minlength=11), [5000] * 10 + [0])
     np.testing.assert_array_equal(np.bincount(data.test_labels, minlength=11), [1000] * 10 + [0])
-    assert data.class_names == cifar.CLASS_NAMES
+    assert data.class_names == cifar.CIFAR10.default_names["fine"]
     assert data.source.startswith("binary:") and data.source.endswith(cifar.BATCHES_DIR)
 
 
@@ -240,7 +240,9 @@ def test_tfds_source_equals_binary(
     with pytest.raises(DataError, match=r"tfds rejected the archive's checksum"):
         cifar.prepare_tfds(tmp_path / "rejected", archive)
     # Register our archive's digest in place of the official one for this test only.
-    monkeypatch.setattr(Cifar10, "url_infos", {cifar.BINARY_URL: checksums.compute_url_info(archive)})
+    monkeypatch.setattr(
+        Cifar10, "url_infos", {cifar.CIFAR10.archive.url: checksums.compute_url_info(archive)}
+    )
     tfds_dir = tmp_path / "tfds"
     cifar.prepare_tfds(tfds_dir, archive)
     loaded = load_cifar10("tfds", tfds_dir)

@@ -155,7 +155,7 @@ def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "elsewhere"))
     assert download.cache_dir() == tmp_path / "elsewhere"
     monkeypatch.delenv(download.URL_ENV, raising=False)
-    assert download.archive_url(cifar.CIFAR10_ARCHIVE) == cifar.BINARY_URL
+    assert download.archive_url(cifar.CIFAR10_ARCHIVE) == cifar.CIFAR10.archive.url
 
 
 def test_download_unpacks_verifies_and_reuses(
@@ -184,10 +184,7 @@ def test_whole_cifar10_download_through_load_cifar(
     """The trainer's path: no data_dir, no $CIFAR10_DIR -> download, unpack, read the same arrays."""
     body = _tar_gz(
         cifar.BATCHES_DIR,
-        {
-            name: (cifar_dir / name).read_bytes()
-            for name in (*cifar.TRAIN_FILES, cifar.TEST_FILE, cifar.META_FILE)
-        },
+        {name: (cifar_dir / name).read_bytes() for name in (*cifar.CIFAR10.files, cifar.META_FILE)},
         level=0,
     )  # stored, not compressed: the same gzip container, seconds faster
     served = serve(cifar.CIFAR10_ARCHIVE, body)
@@ -206,7 +203,9 @@ def test_truncated_download_is_retried_once(
     spec = serve(SMALL10, small_cifar10)
     server.plan[:] = ["truncate"]
     got = download.ensure_extracted(spec, progress=False)
-    assert (got / cifar.TEST_FILE).stat().st_size == cifar.RECORD_BYTES * cifar.RECORDS_PER_FILE
+    assert (got / cifar.TEST_FILE).stat().st_size == cifar.RECORD_BYTES * cifar.CIFAR10.records[
+        cifar.TEST_FILE
+    ]
     assert len(server.requests) == 2
     assert "deleted it, downloading once more" in capsys.readouterr().err
 
@@ -374,7 +373,7 @@ def test_cifar100_download_with_wrong_digest_is_refused(
 def test_cifar100_bad_files(tiny_cifar100) -> None:
     directory, files, _, _ = tiny_cifar100
     raw = bytearray(files[cifar.CIFAR100_TRAIN])
-    raw[3 * cifar.CIFAR100_RECORD_BYTES + 1] = 100  # record 3's fine label out of range
+    raw[3 * cifar.CIFAR100.record_bytes + 1] = 100  # record 3's fine label out of range
     (directory / cifar.CIFAR100_TRAIN).write_bytes(bytes(raw))
     with pytest.raises(
         DataError,

@@ -175,31 +175,19 @@ CIFAR100 = Layout(
 LAYOUTS = {layout.name: layout for layout in (CIFAR10, CIFAR100)}
 DATASETS = tuple(LAYOUTS)
 
-# The tables' entries under the names other modules and tests use.
+# The tables' entries under the short names the tests use.
 CIFAR10_ARCHIVE = CIFAR10.archive
-BINARY_URL = CIFAR10.archive.url
 ARCHIVE_NAME = CIFAR10.archive.name
 BATCHES_DIR = CIFAR10.directory
-TRAIN_FILES = CIFAR10.train_files
 TEST_FILE = CIFAR10.test_file
 META_FILE = CIFAR10.names_files["fine"]
 ENV_VAR = CIFAR10.env_var
-CLASS_NAMES = CIFAR10.default_names["fine"]
-NUM_CLASSES = CIFAR10.num_classes["fine"]
 RECORD_BYTES = CIFAR10.record_bytes
-RECORDS_PER_FILE = CIFAR10.records[TEST_FILE]
-NUM_TRAIN = CIFAR10.num_train
-OFFICIAL_SHA256 = CIFAR10.file_sha256
 CIFAR100_ARCHIVE = CIFAR100.archive
-CIFAR100_URL = CIFAR100.archive.url
 CIFAR100_ARCHIVE_NAME = CIFAR100.archive.name
 CIFAR100_DIR = CIFAR100.directory
 CIFAR100_TRAIN, CIFAR100_TEST = (*CIFAR100.train_files, CIFAR100.test_file)
 CIFAR100_ENV_VAR = CIFAR100.env_var
-CIFAR100_RECORD_BYTES = CIFAR100.record_bytes
-CIFAR100_NUM_CLASSES = CIFAR100.num_classes
-LABEL_MODES = CIFAR100.label_modes
-HOW_TO_GET = CIFAR10.how_to_get()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -648,7 +636,7 @@ def prepare_tfds(
 
 
 def _tfds_split(
-    tfds: Any, builder: Any, split: str, label_key: str = "label", num_classes: int = NUM_CLASSES
+    tfds: Any, builder: Any, split: str, label_key: str, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     if label_key != "label":
@@ -657,7 +645,7 @@ def _tfds_split(
 
 
 def _official_order(
-    arrays: Mapping[str, np.ndarray], label: str, num_classes: int = NUM_CLASSES
+    arrays: Mapping[str, np.ndarray], label: str, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Restores the binary files' record order from tfds ids ('train_00042').
 

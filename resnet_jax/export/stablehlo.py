@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from resnet_jax.files import atomic_write_bytes
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-SUFFIX = ".stablehlo"
 
 
 def export(

@@ -39,10 +39,6 @@ CIFAR_DATASETS = fields.CIFAR_DATASETS
 IMAGENET_DATASETS = fields.IMAGENET_DATASETS
 fields_table = fields.fields_table
 
-# Derived once for the callers that read them as constants (the declarations do not change).
-COMMON_SCHEMA = {name: f.check for name, f in fields.COMMON.items()}
-CIFAR_SCHEMA = {name: f.check for name, f in fields.CIFAR.items()}
-IMAGENET_SCHEMA = {name: f.check for name, f in fields.IMAGENET.items()}
 SCHEMA = schema_for("cifar10")  # the CIFAR trainer's full schema (kept under its historical name)
 RESUMABLE_CHANGES = resumable_fields()
 

@@ -76,7 +76,7 @@ def describe(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ("trai
     d = config.dataset
     if d.name in config_lib.CIFAR_DATASETS:
         num_train, num_eval = config_lib.dataset_sizes(config)  # CIFAR's follow from the config
-        classes = cifar.CIFAR100_NUM_CLASSES[d.label_mode] if d.name == "cifar100" else cifar.NUM_CLASSES
+        classes = cifar.LAYOUTS[d.name].num_classes[d.label_mode]
         return DatasetInfo(
             num_train, num_eval, classes, cifar.IMAGE_SHAPE, "validation" if d.validation_size else "test"
         )
