@@ -202,13 +202,17 @@ def test_a_config_mistake_is_one_line_and_status_2(command, mistake, words, env,
             ["--set", "optimizer.learnin_rate=0.1"],
             ["optimizer.learnin_rate", "no such config field", "did you mean 'learning_rate'"],
         ),
+        (  # the issue's own example, in main's spelling
+            ["--config.optimizer.learnin_rate=0.1"],
+            ["--config.optimizer.learnin_rate=0.1", "no such config field", "did you mean 'learning_rate'"],
+        ),
         (["--set", "batch_size=abc"], ["--set batch_size=abc", "int"]),
         (
             ["--config", "configs/no_such_file.py"],
             ["--config configs/no_such_file.py", "no such config file"],
         ),
     ],
-    ids=["misspelt", "bad-type", "missing-file"],
+    ids=["misspelt", "misspelt-config-flag", "bad-type", "missing-file"],
 )
 def test_experiments_config_mistake_is_one_line_and_status_2(mistake, words, env, tmp_path):
     rc, err = run_cli([a.format(w=tmp_path / "w") for a in _EXPERIMENTS] + mistake, env)
@@ -221,21 +225,42 @@ def test_experiments_config_mistake_is_one_line_and_status_2(mistake, words, env
 # --- 4. Ctrl-C -----------------------------------------------------------------------------------
 
 
+def _ignores_sigint(pid: int) -> bool:
+    """Whether the process ignores SIGINT (Linux: the SigIgn mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False  # no /proc (or already gone): nothing to check
+    mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask >> (signal.SIGINT - 1) & 1)
+
+
 class Watched:
     """A command line in its own session, SIGINT not ignored (as at a terminal); stderr
     collected line by line while it runs."""
 
     def __init__(self, args: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-            restore_signals=True,
-        )
+        # exec keeps an ignored signal ignored: where this test runs with SIGINT ignored (a job
+        # started with & by a non-interactive shell), the child would inherit that. A handler
+        # set from Python is reset to the default by exec, so one is set while the child starts.
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+                restore_signals=True,
+            )
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert not _ignores_sigint(self.proc.pid), "the command line would not see Ctrl-C"
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

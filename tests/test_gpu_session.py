@@ -24,16 +24,16 @@ print(json.dumps({"peer": section, "img_per_s": 1.0}))
 
 
 def run_session(tmp_path, cifar_dir, part, **env):
-    env = dict(
-        os.environ,
-        SMOKE="1",
-        OUT=str(tmp_path / "out"),
-        RUNS=str(tmp_path / "runs"),
-        PYTHON=sys.executable,
-        CIFAR10_DIR=str(cifar_dir),
-        JAX_PLATFORMS="cpu",
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "OUT": str(tmp_path / "out"),
+        "RUNS": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+        "CIFAR10_DIR": str(cifar_dir),
+        "JAX_PLATFORMS": "cpu",
         **env,
-    )
+    }
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_session.sh"), part],
         cwd=ROOT,
@@ -100,3 +100,35 @@ def test_cifar_part_goes_on_after_a_failed_run_and_names_it(tmp_path, cifar_dir)
         results["steps"] == 4 and results["model"] == "cifar_resnet8" and 0.0 <= results["final_error"] <= 1.0
     )
     assert not (out / "peers.jsonl").exists() and not [r for r in lines if "bench" in r]
+
+
+# A PYTHON stand-in whose ResNet-18 benchmark fails; every other command runs as it would.
+FAILING_BENCHMARK = """#!/bin/sh
+case "$*" in
+  *scripts/benchmark.py*"--model resnet18"*) echo "benchmark stand-in: this one fails" >&2; exit 1 ;;
+esac
+exec "{python}" "$@"
+"""
+
+
+def test_a_failed_benchmark_is_named_and_the_others_still_run(tmp_path, cifar_dir):
+    stand_in = tmp_path / "python"
+    stand_in.write_text(FAILING_BENCHMARK.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    proc, out, lines = run_session(
+        tmp_path, cifar_dir, "speed", PYTHON=str(stand_in), PEERS=str(tmp_path / "absent.py")
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "gpu_session.sh: 1 step(s) failed:",
+        "  benchmark resnet18 batch 2 (see stderr.txt)",
+    ]
+    assert "benchmark stand-in: this one fails" in (out / "stderr.txt").read_text()
+    benches = [(r["bench"], r["model"]) for r in lines if "bench" in r]
+    assert benches == [("resnet_jax", "cifar_resnet8"), ("baseline", "cifar_resnet8")]
+
+
+def test_an_unknown_part_is_a_usage_error(tmp_path, cifar_dir):
+    proc, out, _ = run_session(tmp_path, cifar_dir, "everything")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: "), proc.stderr
+    assert not out.exists()

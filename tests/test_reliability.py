@@ -165,9 +165,12 @@ def _truncate(path: Path) -> None:
 
 
 def _garbage(path: Path) -> None:
+    """64 bytes in the middle inverted: always other contents, the same ones every run (random
+    bytes could, however rarely, repeat what was there)."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle : middle + 64] = os.urandom(64)
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    assert len(data) == path.stat().st_size and data != path.read_bytes()
     path.write_bytes(bytes(data))
 
 
