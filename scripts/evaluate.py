@@ -102,8 +102,7 @@ def evaluate(config, path: str, ema: bool = False, recalibrate_bn: int = 0) -> d
     plan = make_plan(config, mesh.devices.size, train=bool(recalibrate_bn))
     info, model = plan.info, plan.model
     if recalibrate_bn:
-        flat = config_lib.flatten(config.to_dict())
-        config_lib.check_recalibration(flat, info.num_train, recalibrate_bn, what="--recalibrate-bn")
+        config_lib.check_recalibration(recalibrate_bn, plan.bn_piece, info.num_train, what="--recalibrate-bn")
     try:
         variables, meta = weights.load_variables(path, ema=ema)
     except weights.ConversionError as e:
@@ -145,7 +144,7 @@ def evaluate(config, path: str, ema: bool = False, recalibrate_bn: int = 0) -> d
     record = _evaluate(source, state)
     recalibrated = None
     if recalibrate_bn:
-        piece = config_lib.bn_piece_size(flat)
+        piece = plan.bn_piece
         pieces = source.recalibration_pieces(recalibrate_bn, piece)
         stats = recalibrate.recalibrated_batch_stats(model, state.variables, pieces)
         again = _evaluate(source, state.replace(batch_stats=stats))

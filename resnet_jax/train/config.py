@@ -142,7 +142,7 @@ def validate(
         raise ConfigError(f"config field batch_size = {batch} exceeds the {num_train} training images")
     derived = derive(flat, batch, num_train, num_eval)
 
-    check_recalibration(flat, num_train)
+    check_recalibration(flat.get("bn_recalibration.num_images", 0), bn_piece_size(flat), num_train)
 
     k = flat["steps_per_dispatch"]
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
@@ -203,15 +203,11 @@ def bn_piece_size(flat: Mapping[str, Any]) -> int:
 
 
 def check_recalibration(
-    flat: Mapping[str, Any],
-    num_train: int,
-    num_images: int | None = None,
-    what: str = "config field bn_recalibration.num_images",
+    n: int, piece: int, num_train: int, what: str = "config field bn_recalibration.num_images"
 ) -> None:
-    """`bn_recalibration.num_images` (or `num_images`, named `what`): whole training batches (BN
-    normalises whole batches), at most the training set."""
-    n = flat.get("bn_recalibration.num_images", 0) if num_images is None else num_images
-    piece = bn_piece_size(flat)
+    """`n` images (0: none; named `what` in the error) for BN recalibration: whole training
+    batches of `piece` images (`bn_piece_size`: BN normalises whole batches), at most the
+    `num_train` training images."""
     if n and (n % piece or n > num_train):
         raise ConfigError(
             f"{what} = {n} must be a multiple of the {piece} images that BN normalises together in "

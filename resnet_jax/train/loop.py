@@ -435,7 +435,7 @@ class _Run:
         """`bn_recalibration`: BN statistics over N training images (train/recalibrate.py), the
         test error with them, and the weights with them saved in `<workdir>/bn_recalibrated`."""
         n, start = self.config.bn_recalibration.num_images, time.perf_counter()
-        piece = config_lib.bn_piece_size(config_lib.flatten(self.config.to_dict()))
+        piece = self.plan.bn_piece
         pieces = self.source.recalibration_pieces(n, piece)
         stats = recalibrate.recalibrated_batch_stats(self.plan.model, self.state.variables, pieces)
         record = steps.summarize_eval(self.source.evaluate(self.state.replace(batch_stats=stats)))

@@ -30,12 +30,15 @@ class Plan:
       derived: steps, boundaries, warm-up and rates at the batch used; None for a plan that
         only evaluates (it has no training schedule).
       model: the network, with a head for the data's classes.
+      bn_piece: images per BN batch in training (batch_size / accumulate_steps), the piece BN
+        recalibration normalises at a time (`config.bn_piece_size`).
     """
 
     config: ml_collections.ConfigDict
     info: sources.DatasetInfo
     derived: Derived | None
     model: models.ResNet
+    bn_piece: int
 
 
 def make_plan(
@@ -64,4 +67,10 @@ def make_plan(
                 f"config field eval_batch_size = {flat['eval_batch_size']} does not "
                 f"divide by the {num_devices} devices"
             )
-    return Plan(config, info, derived, config_lib.build_model(config, info.num_classes))
+    return Plan(
+        config,
+        info,
+        derived,
+        config_lib.build_model(config, info.num_classes),
+        bn_piece=config_lib.bn_piece_size(flat),
+    )
