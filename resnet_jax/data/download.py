@@ -117,55 +117,102 @@ class _BadDownload(Exception):
     """A download that arrived but is not the archive: truncated or with other bytes."""
 
 
-def _download(url: str, path: Path, spec: ArchiveSpec, progress: bool) -> None:
-    md5, sha256 = hashlib.md5(), hashlib.sha256()
-    received = 0
+class StreamError(Exception):
+    """A URL whose body could not be fetched whole.
+
+    ``kind`` says what happened: ``"http"`` (the server answered an error status; ``detail`` is
+    its code and reason), ``"unreachable"`` (no answer: offline, refused, timed out; ``detail``
+    is the reason) or ``"cut"`` (the body stopped part-way; ``detail`` names the exception).
+    ``received`` counts the bytes written before it stopped, ``expected`` is the
+    Content-Length the server announced (None without one).
+    """
+
+    def __init__(self, kind: str, detail: str, received: int = 0, expected: int | None = None):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail, self.received, self.expected = kind, detail, received, expected
+
+
+def stream_url(
+    url: str,
+    path: str | os.PathLike,
+    *,
+    name: str,
+    total: int | None = None,
+    algorithms: tuple[str, ...] = ("sha256",),
+    progress: bool = True,
+) -> tuple[dict[str, str], int, int | None]:
+    """Writes the body of ``url`` to the file ``path`` -> ({algorithm: hex digest}, bytes
+    received, the announced Content-Length or None).
+
+    The file is created only once the server has answered. With ``progress``, a byte-count bar
+    named ``name`` runs on stderr, sized ``total`` (or the Content-Length). Network failures
+    are a `StreamError`; an OSError from writing ``path`` before the first byte propagates.
+    Checking the size and digests is the caller's: the dataset cache and the weight hub each
+    know what the bytes must be.
+    """
     try:
         response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)  # noqa: S310 (http(s) by construction)
     except urllib.error.HTTPError as err:
-        raise DataError(
-            f"{url}: the server answered HTTP {err.code} {err.reason}; {manual_hint(spec, path.parent)}"
-        ) from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise DataError(
-            f"cannot download {url} ({reason}): offline? {manual_hint(spec, path.parent)}"
-        ) from None
-    with response, open(path, "wb") as out, _bar(spec, progress) as bar:
+        raise StreamError("http", f"{err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        raise StreamError("unreachable", str(getattr(err, "reason", err)).replace("\n", " ")) from None
+    digests = {algorithm: hashlib.new(algorithm) for algorithm in algorithms}
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length and length.isdigit() else None
+    received = 0
+    with response, open(path, "wb") as out, _bar(name, total or expected, progress) as bar:
         try:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
-                md5.update(chunk)
-                sha256.update(chunk)
+                for digest in digests.values():
+                    digest.update(chunk)
                 received += len(chunk)
                 bar(len(chunk))
         except (OSError, http.client.HTTPException) as err:
             # A body cut short mid-way: IncompleteRead, a reset or a timed-out socket.
-            raise _BadDownload(
-                f"the download stopped after {received:,} of {spec.size:,} bytes ({type(err).__name__})"
+            raise StreamError("cut", type(err).__name__, received, expected) from None
+    return {algorithm: digest.hexdigest() for algorithm, digest in digests.items()}, received, expected
+
+
+def _download(url: str, path: Path, spec: ArchiveSpec, progress: bool) -> None:
+    try:
+        digests, received, _ = stream_url(
+            url, path, name=spec.name, total=spec.size, algorithms=("md5", "sha256"), progress=progress
+        )
+    except StreamError as err:
+        if err.kind == "http":
+            raise DataError(
+                f"{url}: the server answered HTTP {err.detail}; {manual_hint(spec, path.parent)}"
             ) from None
+        if err.kind == "unreachable":
+            raise DataError(
+                f"cannot download {url} ({err.detail}): offline? {manual_hint(spec, path.parent)}"
+            ) from None
+        raise _BadDownload(
+            f"the download stopped after {err.received:,} of {spec.size:,} bytes ({err.detail})"
+        ) from None
     if received != spec.size:
         raise _BadDownload(f"the download stopped after {received:,} of {spec.size:,} bytes")
-    if md5.hexdigest() != spec.md5 or sha256.hexdigest() != spec.sha256:
+    if digests["md5"] != spec.md5 or digests["sha256"] != spec.sha256:
         raise _BadDownload(
-            f"md5 {md5.hexdigest()} / sha256 {sha256.hexdigest()} differ from the published "
+            f"md5 {digests['md5']} / sha256 {digests['sha256']} differ from the published "
             f"{spec.md5} / {spec.sha256}"
         )
 
 
 @contextlib.contextmanager
-def _bar(spec: ArchiveSpec, enabled: bool) -> Iterator:
+def _bar(name: str, total: int | None, enabled: bool) -> Iterator:
     if not enabled:
         yield lambda n: None
         return
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     with tqdm(
-        total=spec.size,
+        total=total,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        desc=spec.name,
+        desc=name,
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.5,

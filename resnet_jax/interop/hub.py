@@ -25,20 +25,15 @@ Every failure is one line naming the file to fetch and where to put it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.client
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
+from resnet_jax.data.download import StreamError, stream_url
 from resnet_jax.errors import EXIT_TRANSIENT
 from resnet_jax.files import atomic_file
 from resnet_jax.interop import layout
@@ -53,7 +48,6 @@ DEFAULT_CACHE = Path("~") / ".cache" / "resnet_jax" / "weights"
 HF_URL = "https://huggingface.co"
 DEFAULT_TAG = "DEFAULT"
 _CHUNK = 1 << 20
-_TIMEOUT_S = 30.0
 
 # torchvision's published ResNet weights (torchvision/models/resnet.py, ResNet*_Weights; the
 # same files since torchvision 0.13): name -> tag -> file on download.pytorch.org/models/.
@@ -245,11 +239,9 @@ def _download(url: str, dest: Path, prefix: str, progress: bool) -> None:
         raise _unwritable(dest, err) from None
     with atomic_file(dest) as tmp:
         try:
-            out = open(tmp, "wb")
+            digest, received, expected = _stream(url, tmp, dest.name, progress, by_hand)
         except OSError as err:
             raise _unwritable(dest, err) from None
-        with out:
-            digest, received, expected = _stream(url, out, dest.name, progress, by_hand)
         if expected is not None and received != expected:
             raise DownloadError(
                 f"the download of {url} stopped after {received:,} of {expected:,} bytes "
@@ -268,53 +260,22 @@ def _unwritable(dest: Path, err: OSError) -> ConversionError:
     )
 
 
-def _stream(url: str, out, name: str, progress: bool, by_hand: str) -> tuple[str, int, int | None]:
-    """(sha256 hex, bytes received, Content-Length or None) of ``url`` written to ``out``."""
+def _stream(url: str, path: Path, name: str, progress: bool, by_hand: str) -> tuple[str, int, int | None]:
+    """(sha256 hex, bytes received, Content-Length or None) of ``url`` written to ``path``; the
+    network's failures as this module's errors."""
     try:
-        response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)  # noqa: S310 (an http(s) base by construction)
-    except urllib.error.HTTPError as err:
-        raise ConversionError(f"{url}: the server answered HTTP {err.code} {err.reason}; {by_hand}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        reason = str(getattr(err, "reason", err)).replace("\n", " ")
-        raise DownloadError(f"cannot download {url} ({reason}): offline? {by_hand}") from None
-    digest, received = hashlib.sha256(), 0
-    length = response.headers.get("Content-Length")
-    expected = int(length) if length and length.isdigit() else None
-    with response, _bar(name, expected, progress) as bar:
-        try:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar(len(chunk))
-        except (OSError, http.client.HTTPException) as err:
-            # A body cut short: IncompleteRead, a reset connection or a timed-out socket.
-            total = f"{expected:,}" if expected is not None else "?"
-            raise DownloadError(
-                f"the download of {url} stopped after {received:,} of {total} bytes ({type(err).__name__}; "
-                f"deleted it); run again, or {by_hand}"
-            ) from None
-    return digest.hexdigest(), received, expected
-
-
-@contextlib.contextmanager
-def _bar(name: str, total: int | None, enabled: bool) -> Iterator:
-    if not enabled:
-        yield lambda n: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=name,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    ) as bar:
-        yield bar.update
+        digests, received, expected = stream_url(url, path, name=name, progress=progress)
+    except StreamError as err:
+        if err.kind == "http":
+            raise ConversionError(f"{url}: the server answered HTTP {err.detail}; {by_hand}") from None
+        if err.kind == "unreachable":
+            raise DownloadError(f"cannot download {url} ({err.detail}): offline? {by_hand}") from None
+        total = f"{err.expected:,}" if err.expected is not None else "?"
+        raise DownloadError(
+            f"the download of {url} stopped after {err.received:,} of {total} bytes ({err.detail}; "
+            f"deleted it); run again, or {by_hand}"
+        ) from None
+    return digests["sha256"], received, expected
 
 
 def _timm_file(spec: str) -> Path:
