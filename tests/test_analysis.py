@@ -67,31 +67,54 @@ def test_zero_init_residual_net_passes_the_gradient_through(batch):
 
 
 def test_plain_net_changes_the_gradient_and_the_probe_is_the_true_gradient(batch):
+    """The probe's dL/dx at a block input equals a central difference along a random
+    direction v, and in a plain net every block rescales it.
+
+    On the float64 path (`dtype='float64'` under `jax.enable_x64`), so that the check has
+    room on any CPU (in float32 the quotient erred by 1.5% against a 3% tolerance). The
+    error of (L(+eps v) - L(-eps v)) / 2 eps against <g, v> is bounded by:
+      - the probe's gradient g, returned in float32 (block_input_gradients' probes are
+        float32): each element rounded once, |error| <= 2^-24 sum |g_i v_i|;
+      - round-off of the two float64 losses, each within 100 u |L| (u = 1.1e-16; measured
+        about 1 u |L|), divided by 2 eps;
+      - truncation, eps^2 |d^3L/dt^3| / 6 between ReLU kinks: no change was measured between
+        eps = 1e-6 and 3e-6, so below 1e-11 of <g, v> at 1e-7;
+      - a ReLU whose input changes sign within +-eps: measured, the nearest along v lies
+        between eps = 3e-6 and 4e-6 (the error jumps from 1.7e-8 to 4.4e-5, 2.6e-3 at
+        1e-5), so eps = 1e-7 is 30x inside the smooth piece; in float64 where the kinks lie
+        cannot move by anything near that between CPUs.
+    The bound is 1.6e-5 of <g, v>; measured 3.2e-8 (500x room). The next block's
+    gradient along the same v differs by 68%, far outside.
+    """
     images, labels = batch
-    model, variables = _net("cifar_plain14")
-    grads, _, _ = gradient_flow.block_input_gradients(model, variables, images, labels)
-    norms = [float(jnp.linalg.norm(v)) for v in grads.values()]
-    ratios = np.array(norms[:-1]) / np.array(norms[1:])
-    assert np.all(np.abs(ratios - 1) > 0.05), ratios  # every plain block rescales it
-    # Finite differences along a random direction at one block's input, through the
-    # same probe: (L(+eps v) - L(-eps v)) / 2 eps = <dL/dx, v>.
-    name = "stage2_block2"
-    v = np.random.default_rng(1).normal(size=grads[name].shape).astype(np.float32)
-    zeros = {k: jnp.zeros(g.shape) for k, g in grads.items()}
+    with jax.enable_x64(True):
+        model, variables = _net("cifar_plain14", dtype="float64")
+        grads, _, loss0 = gradient_flow.block_input_gradients(model, variables, images, labels)
+        norms = [float(jnp.linalg.norm(v)) for v in grads.values()]
+        ratios = np.array(norms[:-1]) / np.array(norms[1:])
+        assert np.all(np.abs(ratios - 1) > 0.05), ratios  # every plain block rescales it
+        name, after = "stage2_block2", "stage3_block1"
+        v = np.random.default_rng(1).normal(size=grads[name].shape)  # float64
+        zeros = {k: jnp.zeros(g.shape, jnp.float64) for k, g in grads.items()}
 
-    @jax.jit
-    def loss(eps):
-        probes_ = dict(zeros, **{name: eps * jnp.asarray(v)})
-        return gradient_flow._loss_with_probes(
-            model, variables, jnp.asarray(images), jnp.asarray(labels), probes_
-        )
+        @jax.jit
+        def loss(eps):
+            probes_ = dict(zeros, **{name: eps * jnp.asarray(v)})
+            return gradient_flow._loss_with_probes(
+                model, variables, jnp.asarray(images), jnp.asarray(labels), probes_
+            )
 
-    # ReLUs that change sign within +-eps make the difference quotient err by O(eps)
-    # (measured: 6% at 1e-2, 1.5% at 1e-3); below 1e-3 float32 round-off of the loss takes
-    # over. The gradient one block further on differs by ~30%, so 3% still tells them apart.
-    eps = 1e-3
-    numeric = (float(loss(eps)) - float(loss(-eps))) / (2 * eps)
-    assert numeric == pytest.approx(float(jnp.vdot(grads[name], v)), rel=3e-2)
+        assert loss(0.0).dtype == jnp.float64  # the float64 path is really taken
+        eps = 1e-7
+        numeric = (float(loss(eps)) - float(loss(-eps))) / (2 * eps)
+        g = np.asarray(grads[name], np.float64)
+        exact = float(np.vdot(g, v))
+        rounding = np.finfo(grads[name].dtype).eps / 2 * np.abs(g * v).sum()
+        roundoff = 100 * np.finfo(np.float64).eps / 2 * abs(float(loss0)) / eps
+        bound = rounding + roundoff + 1e-11 * abs(exact)
+        assert abs(numeric - exact) <= bound, (numeric, exact, bound)
+        # A probe that returned another block's gradient would be far outside.
+        assert abs(float(np.vdot(np.asarray(grads[after], np.float64), v)) - exact) > 1e3 * bound
 
 
 def test_bn_responses_with_own_batch_statistics_have_unit_std(batch):
