@@ -2,11 +2,12 @@
 
 References: torchvision's own transforms (run in a subprocess, because importing
 torchvision after TensorFlow segfaults in triton's import), numpy crops of the resized
-image, the samples' manifest labels, and tfds' mock data.
+image, the samples' manifest labels, tfds' mock data and tfrecords written from the samples.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from _imagenet import SAMPLES_DIR, make_image_folder, samples
+from _imagenet import SAMPLES_DIR, make_image_folder, make_tfds_imagenet, samples
 from PIL import Image
 
 from resnet_jax.data import DataError, imagenet
@@ -308,6 +309,37 @@ def test_bad_training_rows_take_the_next_good_row_of_their_batch():
         imagenet._substitute([None, None], ["a", "b"])
 
 
+def test_resume_with_a_bad_file_repeats_the_uninterrupted_batches(tmp_path):
+    """Skipping stays a pure function of (seed, step): resumed mid-run, the batches (bad
+    rows' substitutes included) and the skips are those of the uninterrupted run."""
+    truncated = sample("tiger_shark").read_bytes()[:5000]
+    broken_root = folder_with(tmp_path / "broken", truncated, n=6)
+    broken = imagenet.ImageNetSpec("folder", str(broken_root))
+    clean = imagenet.ImageNetSpec("folder", str(folder_with(tmp_path / "clean", None, n=6)))
+    victim = str(sorted((broken_root / "train").glob("*/*.JPEG"))[3])
+    kw = dict(seed=2, global_batch=3, process_index=0, process_count=1, transform="inception", image_size=32)
+    whole = imagenet.train_batches(broken, start_step=0, skip_bad_files=True, **kw)
+    got = list(itertools.islice(whole, 6))  # three epochs of two steps: the bad file once in each
+    want = list(itertools.islice(imagenet.train_batches(clean, start_step=0, **kw), 6))
+    paths, _ = imagenet._folder_files(broken, "train")
+    where = [
+        (s, r)
+        for s, idx in enumerate(imagenet.train_indices(2, 0, 6, 3, 6))
+        for r, i in enumerate(idx)
+        if paths[i] == victim
+    ]
+    assert len(where) == 3 and whole.bad_files == [victim] * 3
+    for s, r in where:  # the run resumed below is checked against this one, so pin it first
+        np.testing.assert_array_equal(got[s]["image"][r], want[s]["image"][(r + 1) % 3])
+        assert got[s]["label"][r] == want[s]["label"][(r + 1) % 3]
+    resumed = imagenet.train_batches(broken, start_step=3, skip_bad_files=True, **kw)
+    for s in range(3, 6):
+        batch = next(resumed)
+        np.testing.assert_array_equal(batch["image"], got[s]["image"])
+        np.testing.assert_array_equal(batch["label"], got[s]["label"])
+    assert resumed.bad_files == [victim] * sum(s >= 3 for s, _ in where)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -429,3 +461,54 @@ def test_tfds_imagenet2012_end_to_end_on_mock_data(tmp_path):
         batches = list(imagenet.eval_batches(spec, per_process_batch=4, process_index=0, process_count=1))
         assert len(batches) == imagenet.num_eval_batches(spec, 4, 1) == 3
         assert np.concatenate([b["mask"] for b in batches]).sum() == 10
+
+
+def test_tfds_bad_record_takes_the_next_good_row_of_its_batch_or_stops(tmp_path, caplog):
+    """A training record whose JPEG bytes do not decode, on the real tfds path (stock
+    builder reading tfrecords): skipped, its row is a copy (image and label) of the next good
+    row of its batch, not the blank image with label 0 it was before; every other row is
+    bit-equal to a clean run, the skips are counted and logged, resume is exact; without
+    skip_bad_files, a DataError naming the dataset, split and step."""
+    victim = 3
+    truncated = (SAMPLES_DIR / samples()[victim]["filename"]).read_bytes()[:5000]
+    victim_label = int(samples()[victim]["label_index"])
+    clean = imagenet.ImageNetSpec("tfds", str(make_tfds_imagenet(tmp_path / "clean", 8)))
+    broken_dir = make_tfds_imagenet(tmp_path / "broken", 8, {victim: truncated})
+    broken = imagenet.ImageNetSpec("tfds", str(broken_dir))
+    kw = dict(seed=5, global_batch=4, process_index=0, process_count=1, transform="inception", image_size=32)
+    want = list(itertools.islice(imagenet.train_batches(clean, start_step=0, **kw), 4))
+    # Two epochs of two steps; which row holds the victim depends on (seed, epoch), not the bytes.
+    where = [(s, r) for s, b in enumerate(want) for r, y in enumerate(b["label"]) if y == victim_label]
+    assert [s // 2 for s, _ in where] == [0, 1]  # once per epoch
+    skipping = imagenet.train_batches(broken, start_step=0, skip_bad_files=True, **kw)
+    with caplog.at_level(logging.WARNING):
+        got = list(itertools.islice(skipping, 4))
+    names = [f"imagenet2012/train record at step {s}, row {r}" for s, r in where]
+    assert skipping.bad_files == names
+    assert f"skipping unreadable image {names[0]} (1 skipped so far)" in caplog.text
+    assert f"skipping unreadable image {names[1]} (2 skipped so far)" in caplog.text
+    for s in range(4):
+        bad = [r for t, r in where if t == s]
+        others = ~np.isin(np.arange(4), bad)
+        np.testing.assert_array_equal(got[s]["image"][others], want[s]["image"][others])
+        np.testing.assert_array_equal(got[s]["label"][others], want[s]["label"][others])
+        for r in bad:
+            np.testing.assert_array_equal(got[s]["image"][r], want[s]["image"][(r + 1) % 4])
+            assert got[s]["label"][r] == want[s]["label"][(r + 1) % 4] != 0
+    # Resumed mid-epoch (the first step's records read, not decoded) and across the epoch boundary.
+    resumed = imagenet.train_batches(broken, start_step=1, skip_bad_files=True, **kw)
+    for s in range(1, 4):
+        batch = next(resumed)
+        np.testing.assert_array_equal(batch["image"], got[s]["image"])
+        np.testing.assert_array_equal(batch["label"], got[s]["label"])
+    assert resumed.bad_files == [n for (s, _), n in zip(where, names) if s >= 1]
+
+    failing = imagenet.train_batches(broken, start_step=0, **kw)
+    for _ in range(where[0][0]):
+        next(failing)
+    with pytest.raises(
+        DataError,
+        match=rf"tfds imagenet2012/train \(data_dir {broken_dir}\S*\): a record of training step "
+        rf"{where[0][0]} failed to decode: .*skip_bad_files=True",
+    ):
+        next(failing)
