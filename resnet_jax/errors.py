@@ -6,6 +6,7 @@ line maps errors by family and a new error class cannot be forgotten there:
 
 - `UserError` (2): something the user must fix before rerunning (the config, the data,
   the workdir, a full or read-only disk); rerunning unchanged fails the same way.
+  `UsageError` is the one for a bad argument of a command or a library call.
 - `TransientError` (75, EX_TEMPFAIL of sysexits.h): the infrastructure failed (the
   network, the distributed runtime, a peer process that died); nothing is wrong with
   the run, and a scheduler should retry it: rerunning resumes from the last checkpoint.
@@ -35,6 +36,11 @@ class UserError(ResNetJaxError):
     """A mistake the user must fix (config, data, workdir, disk); exit status 2."""
 
     exit_status = EXIT_USER_ERROR
+
+
+class UsageError(UserError, ValueError):
+    """A bad argument of a command or of a library call (a name, a count, a depth); the
+    message names it. Exit status 2."""
 
 
 class TransientError(ResNetJaxError):

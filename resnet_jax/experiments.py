@@ -38,7 +38,7 @@ def load_config_file(path: str | Path, arg: str):
             f"--config {path}: no such config file (the CIFAR recipe is configs/cifar10.py "
             f"in the repository, {_PACKAGED_CONFIG} in the installed package)"
         )
-    from resnet_jax.errors import UserError
+    from resnet_jax.errors import ResNetJaxError, UserError
 
     spec = importlib.util.spec_from_file_location(f"_experiment_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -46,7 +46,14 @@ def load_config_file(path: str | Path, arg: str):
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001  whatever the user's file raises, its message says it
         raise UserError(f"--config {path}: the config file does not load: {type(e).__name__}: {e}") from None
-    return module.get_config(arg)
+    try:
+        return module.get_config(arg)
+    except ResNetJaxError:
+        raise
+    except Exception as e:  # noqa: BLE001  the user's file again (a bad ARG: int('abc'), a stray option)
+        raise UserError(
+            f"--config {path}:{arg}: get_config({arg!r}) failed: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _set_field(config: Any, dotted: str, text: str, flag: str = "--set ") -> None:
@@ -73,6 +80,19 @@ def _set_field(config: Any, dotted: str, text: str, flag: str = "--set ") -> Non
         node[keys[-1]] = parse_value(text)
     except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
         raise ConfigError(f"{flag}{dotted}={text}: {e}") from None
+
+
+def _check_nets(flag: str, nets: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Every (model name, overrides) a command will build: a bad one is a UsageError naming
+    ``flag``, before any data is read (models raise plain ValueErrors, as a library does)."""
+    from resnet_jax import models
+    from resnet_jax.errors import UsageError
+
+    for name, overrides in nets:
+        try:
+            models.build_model(name, **{**overrides, "conv_impl": "xla"})  # no backend query
+        except ValueError as e:
+            raise UsageError(f"{flag}: {e}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -239,6 +259,7 @@ def _layer_responses(args: argparse.Namespace) -> int:
     from resnet_jax import models
     from resnet_jax.analysis import plots, probes, responses
 
+    _check_nets("--init", [(name, {}) for name in args.init])
     images, _ = probes.cifar_batch(args.data_dir, "test", args.images)
     nets = {}
     sources = []
@@ -278,6 +299,7 @@ def _gradient_flow(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import gradient_flow as gf
     from resnet_jax.analysis import plots, probes
 
+    _check_nets("--depths", [gf.model_name(v, d) for d in args.depths for v in args.variants])
     images, labels = probes.cifar_batch(args.data_dir, "train", args.images)
     data = gf.sweep_at_init(args.depths, args.variants, images, labels, seed=args.seed)
     for w in _trained_nets(args.workdirs) if args.workdirs else []:
@@ -304,6 +326,7 @@ def _gradient_flow(args: argparse.Namespace) -> int:
 def _table1(args: argparse.Namespace) -> int:
     from resnet_jax.analysis import table1
 
+    _check_nets("--nets", [(name, {}) for name in args.nets])
     data = table1.table1(args.nets)
     print(_save_results(args, "table1", data, table1.markdown_table))
     return 0
@@ -482,11 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from resnet_jax import errors
 
         status = errors.exit_status(e)
-        if status is None and isinstance(e, (ValueError, KeyError, ImportError)):
-            status = errors.EXIT_USER_ERROR
         if status is None:
             raise
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return status
 
 

@@ -21,7 +21,8 @@ from _cli import cli_command
 from _cli import run_cli as _run_cli
 from _configs import ROOT
 
-from resnet_jax import errors, parallel
+from resnet_jax import errors, experiments, parallel
+from resnet_jax.analysis import plots
 from resnet_jax.data import DataError
 from resnet_jax.train import checkpoint, loop, workdir
 from resnet_jax.train.checkpoint import verify_files
@@ -52,6 +53,8 @@ def assert_one_error_line(stderr: str) -> str:
     "cls, base, status",
     [
         (ConfigError, ValueError, 2),
+        (errors.UsageError, ValueError, 2),
+        (plots.MatplotlibMissingError, ImportError, 2),
         (DataError, ValueError, 2),
         (workdir.WorkdirError, ValueError, 2),
         (checkpoint.CheckpointError, RuntimeError, 2),
@@ -148,6 +151,24 @@ def test_a_bug_keeps_its_traceback(env, tmp_path):
     ]
     rc, err = run_cli(args, env)
     assert rc == 1 and "Traceback" in err and "RuntimeError: a bug" in err, err[-3000:]
+
+
+def test_experiments_maps_errors_by_family(monkeypatch, tmp_path, capsys):
+    """As main: a family error is one line and its status; a plain ValueError is a bug."""
+    argv = ["table1", "--nets", "resnet18", "--out", str(tmp_path)]
+
+    def raising(error):
+        def command(args):
+            raise error
+
+        return command
+
+    monkeypatch.setattr(experiments, "_table1", raising(errors.UsageError("--nets: not a net")))
+    assert experiments.main(argv) == 2
+    assert capsys.readouterr().err == "error: --nets: not a net\n"
+    monkeypatch.setattr(experiments, "_table1", raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        experiments.main(argv)
 
 
 # --- 2. mistakes on the command line -------------------------------------------------------------

@@ -231,8 +231,9 @@ def test_a_bad_seed_count_is_one_line_and_status_2(tmp_path):
         (["--seeds", "3", "--config.seed=4"], ["--config.seed", "--first-seed"]),
         (["--seeds", "3", "--config.optimizer.momentun=0.5"], ["momentun", "did you mean 'momentum'"]),
         (["--seeds", "3", "--config.batch_size"], ["--config.batch_size", "FIELD=VALUE"]),
+        (["--seeds", "3", "--steps", "2"], ["steps=2", ">= 4"]),
     ],
-    ids=["not-a-number", "seed-override", "misspelt-override", "override-without-value"],
+    ids=["not-a-number", "seed-override", "misspelt-override", "override-without-value", "too-few-steps"],
 )
 def test_a_mistake_is_one_line_and_status_2(args, words, tmp_path, capsys):
     argv = ["seeds", "--config", f"{CIFAR_CONFIG}:resnet8", "--workdir", str(tmp_path / "w"), *args]

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from resnet_jax.errors import UsageError
 from resnet_jax.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -40,17 +41,17 @@ def net_names(depths: Iterable[int], families: Sequence[str] = ("plain", "resnet
     depths = list(depths)
     for d in depths:
         if not isinstance(d, int) or d < 8 or (d - 2) % 6:
-            raise ValueError(f"depth {d!r} is not a CIFAR depth 6n+2 (8, 14, 20, 32, 44, 56, 110, ...)")
+            raise UsageError(f"depth {d!r} is not a CIFAR depth 6n+2 (8, 14, 20, 32, 44, 56, 110, ...)")
     for f in families:
         if f not in ("plain", "resnet"):
-            raise ValueError(f"family {f!r} is not 'plain' or 'resnet'")
+            raise UsageError(f"family {f!r} is not 'plain' or 'resnet'")
     return [f"{f}{d}" for d in depths for f in families]
 
 
 def parse_name(name: str) -> tuple[str, int]:
     m = _NAME.match(name)
     if not m:
-        raise ValueError(f"net name {name!r} is not plain<depth> or resnet<depth>")
+        raise UsageError(f"net name {name!r} is not plain<depth> or resnet<depth>")
     return m.group(1), int(m.group(2))
 
 
@@ -70,7 +71,7 @@ class Shortening:
 
     def apply(self, config: ml_collections.ConfigDict) -> None:
         if self.steps < 4 or self.batch < 1:
-            raise ValueError(f"steps={self.steps} must be >= 4 and batch={self.batch} >= 1")
+            raise UsageError(f"steps={self.steps} must be >= 4 and batch={self.batch} >= 1")
         ref_steps = config.schedule.total_steps or 64_000
         scale = self.batch / config.reference_batch_size
         config.optimizer.learning_rate = config.optimizer.learning_rate * scale

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from resnet_jax.analysis.probes import block_interceptor
+from resnet_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def gradient_norms(
 def model_name(variant: str, depth: int) -> tuple[str, dict[str, Any]]:
     """Registry name and overrides of a CIFAR net of ``variant`` (see VARIANTS)."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
+        raise UsageError(f"variant {variant!r} is not one of {VARIANTS}")
     if variant == "plain":
         return f"cifar_plain{depth}", {}
     return f"cifar_resnet{depth}", {"zero_init_last": variant == "resnet_zero_init"}

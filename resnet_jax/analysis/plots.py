@@ -7,12 +7,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from resnet_jax.errors import UserError
+
+
+class MatplotlibMissingError(UserError, ImportError):
+    """The ``[plots]`` extra (matplotlib) is not installed; exit status 2."""
+
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError as e:  # one clear line instead of a traceback deep in a plot
-        raise ImportError('drawing figures needs matplotlib: pip install "deep-residual-jax[plots]"') from e
+        raise MatplotlibMissingError(
+            'drawing figures needs matplotlib: pip install "deep-residual-jax[plots]"'
+        ) from e
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 

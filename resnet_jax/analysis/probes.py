@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.errors import UsageError
 from resnet_jax.models import GhostBatchNorm
 
 _BLOCK_NAME = re.compile(r"stage\d+_block\d+")
@@ -110,7 +111,7 @@ def cifar_batch(
     images = data.train_images if split == "train" else data.test_images
     labels = data.train_labels if split == "train" else data.test_labels
     if not 0 < count <= len(labels) - offset:
-        raise ValueError(f"count={count} with offset={offset}: the {split} split has {len(labels)} images")
+        raise UsageError(f"count={count} with offset={offset}: the {split} split has {len(labels)} images")
     mean, std = augment.normalization_stats(data.train_images, normalization)
     x = (images[offset : offset + count].astype(np.float32) / 255.0 - mean) / std
     return x.astype(np.float32), labels[offset : offset + count]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.analysis.probes import conv3x3_bn_interceptor
+from resnet_jax.errors import UsageError
 
 
 def _moments_fn(model: nn.Module, train: bool, order: list[str]):
@@ -71,7 +72,7 @@ def layer_responses(
     """
     images = np.asarray(images, np.float32)
     if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise UsageError(f"batch_size={batch_size} must be positive")
     order: list[str] = []
     moments = _moments_fn(model, train, order)
     # Per layer: (count, mean, sum of squared deviations), merged over batches in float64

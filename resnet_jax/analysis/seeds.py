@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_jax.analysis.degradation import PAPER_RESNET_ERROR, read_run
+from resnet_jax.errors import UsageError
 
 # He et al. 2015, Table 6 and Section 4.2: ResNet-110 was run 5 times; "best (mean ± std)".
 # The other depths are single figures (no spread given).
@@ -34,9 +35,9 @@ def seed_names(seeds: Sequence[int]) -> list[str]:
     """['seed0', 'seed1', ...]: the sub-workdir of each seed."""
     for s in seeds:
         if not isinstance(s, int) or s < 0:
-            raise ValueError(f"seed {s!r} is not an integer >= 0")
+            raise UsageError(f"seed {s!r} is not an integer >= 0")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds {list(seeds)} repeat one")
+        raise UsageError(f"seeds {list(seeds)} repeat one")
     return [f"seed{s}" for s in seeds]
 
 

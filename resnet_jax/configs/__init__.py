@@ -14,12 +14,14 @@ import importlib
 
 import ml_collections
 
+from resnet_jax.errors import UsageError
+
 RECIPES = ("cifar10", "cifar100", "imagenet", "finetune_cifar10")
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of recipe `name` (one of RECIPES); `arg=None` is the recipe's default."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; the recipes are {', '.join(RECIPES)}")
+        raise UsageError(f"unknown recipe {name!r}; the recipes are {', '.join(RECIPES)}")
     module = importlib.import_module(f"resnet_jax.configs.{name}")
     return module.get_config() if arg is None else module.get_config(arg)

@@ -27,6 +27,7 @@ mean/std the weights expect).
 import ml_collections
 
 from resnet_jax.configs import cifar10
+from resnet_jax.errors import UsageError
 
 
 def get_config(arg: str = "resnet50") -> ml_collections.ConfigDict:
@@ -34,7 +35,7 @@ def get_config(arg: str = "resnet50") -> ml_collections.ConfigDict:
     kwargs = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
     unknown = sorted(set(kwargs) - {"size", "bn"})
     if unknown or kwargs.get("bn", "frozen") != "frozen":
-        raise ValueError(f"finetune_cifar10.py:{arg}: allowed options are size=N and bn=frozen")
+        raise UsageError(f"finetune_cifar10.py:{arg}: allowed options are size=N and bn=frozen")
     c = cifar10.base()
     c.model.name = name
     c.model.stride_on_3x3 = True  # torchvision's and timm's layout ("ResNet v1.5")

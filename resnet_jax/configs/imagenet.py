@@ -34,6 +34,7 @@ top-1 (Table 2): 27.94 / 28.54 vs 27.88 / 25.03.
 
 import ml_collections
 
+from resnet_jax.errors import UsageError
 from resnet_jax.train import config as config_lib
 
 RECIPES = ("paper", "goyal", "v1.5", "ghost")
@@ -45,7 +46,7 @@ def get_config(arg: str = "resnet50") -> ml_collections.ConfigDict:
     kwargs = dict(p.split("=", 1) for p in parts if "=" in p)
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
-        raise ValueError(f"configs/imagenet.py:{arg}: unknown recipe(s) {unknown}; allowed: {RECIPES}")
+        raise UsageError(f"configs/imagenet.py:{arg}: unknown recipe(s) {unknown}; allowed: {RECIPES}")
     c = paper(name, **kwargs)
     for recipe in recipes:
         {"paper": lambda c: c, "goyal": goyal, "v1.5": v1_5, "ghost": ghost}[recipe](c)
