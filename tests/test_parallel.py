@@ -119,7 +119,7 @@ def one_vs_eight(tmp_path_factory, cache_dir):
         for bn, extra in (
             ("global", {"checkpoint_every_steps": 1}),
             ("ghost4", {"model__ghost_batch_size": 4}),
-            ("ghost2", {"model__ghost_batch_size": 2}),
+            ("ghost2", {"model__ghost_batch_size": 2, "checkpoint_every_steps": 1}),
         ):
             name = f"{bn}_{devices}"
             runs[name] = root / name
@@ -128,7 +128,7 @@ def one_vs_eight(tmp_path_factory, cache_dir):
                 "overrides": {**STEPS, **extra},
                 "out": str(root / f"{name}.npz"),
             }
-            if bn == "global":  # checkpointed every step: its first save is the state after step 1
+            if bn in ("global", "ghost2"):  # checkpointed every step: the first save is step 1's state
                 run["first_out"] = str(root / f"{name}.step1.npz")
             job["runs"].append(run)
         procs.append(start(job, devices, cache_dir))
@@ -180,16 +180,30 @@ def test_ghost_batchnorm_is_per_group_and_independent_of_the_device_count(one_vs
 
 def test_ghost_groups_smaller_than_the_per_device_batch_are_independent_of_the_device_count(one_vs_eight):
     """G=2 with 4 examples per device: two groups on each device, the same 16 groups of
-    consecutive examples on 1 device and on 8, so the same losses to round-off (which BN over
-    2 values amplifies more than over 4), and other ones than with G=4."""
+    consecutive examples on 1 device and on 8, so the same step to round-off, and other
+    losses than with G=4.
+
+    Compared where rounding has not been amplified, as for global BN above: the state after
+    one step (parameters, momentum and the groups' running BN statistics) within 1e-5 of
+    each array's scale, measured 5.7e-7 (17x room); the first two losses (the second is
+    computed from that state) within 1e-5 relative, measured 1.0e-7 (one float32 ulp; a
+    mean of 32 terms summed in another order is within 32 u = 1.9e-6). Groups that
+    differed between 1 and 8 devices would move the step-1 BN statistics by O(1); G=4
+    already moves the first loss by 2.7e-3 relative. Later steps are not compared: BN over
+    2 values divides round-off by tiny standard deviations; the losses drifted apart by
+    7e-5 at step 5 and 2.3e-4 at step 8 on one machine, by factors that depend on the
+    CPU's kernels.
+    """
     root, runs = one_vs_eight
     ghost2_1, ghost2_8, ghost4_1 = (train_losses(runs[n]) for n in ("ghost2_1", "ghost2_8", "ghost4_1"))
     assert len(ghost2_1) == len(ghost2_8) == 8
-    np.testing.assert_allclose(ghost2_8, ghost2_1, rtol=0, atol=1e-3)
+    one_1, eight_1 = load(root / "ghost2_1.step1.npz"), load(root / "ghost2_8.step1.npz")
+    assert int(one_1.pop("step")) == int(eight_1.pop("step")) == 1
+    assert len(one_1) > 50 and any("batch_stats" in k for k in one_1)
+    assert_trees_close(one_1, eight_1, rel=1e-5)
+    np.testing.assert_allclose(ghost2_8[:2], ghost2_1[:2], rtol=1e-5)
+    assert abs(ghost2_1[0] - ghost4_1[0]) > 1e-3  # the first step already tells G=2 from G=4
     assert np.max(np.abs(ghost2_1 - ghost4_1)) > 1e-2
-    two_1, two_8 = load(root / "ghost2_1.npz"), load(root / "ghost2_8.npz")
-    stats = "['batch_stats']['stem_bn']['var']"
-    np.testing.assert_allclose(two_8[stats], two_1[stats], rtol=1e-3)
 
 
 def test_each_device_gathers_only_its_share_of_the_batch(one_vs_eight):
