@@ -157,7 +157,9 @@ def test_eight_devices_train_like_one_with_global_batchnorm(one_vs_eight):
     assert_trees_close(one_1, eight_1, rel=1e-5)
     losses_1, losses_8 = train_losses(runs["global_1"]), train_losses(runs["global_8"])
     assert len(losses_1) == len(losses_8) == 8
-    np.testing.assert_allclose(losses_8[:2], losses_1[:2], rtol=1e-6)
+    # The first loss is a mean of 32 per-example losses summed in another order (within
+    # 32 u = 1.9e-6 of it); the second is computed from step-1 states equal to 1e-5 of scale.
+    np.testing.assert_allclose(losses_8[:2], losses_1[:2], rtol=1e-5)
     np.testing.assert_allclose(losses_8, losses_1, rtol=5e-4)
     results = json.loads((runs["global_8"] / "results.json").read_text())
     assert results["hardware"]["devices"] == 8
